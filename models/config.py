@@ -1,0 +1,102 @@
+"""Architecture configuration of the CSC-CTRL autoencoder (REFERENCE.md §3).
+
+Lives beside the models (nanoGPT keeps ``GPTConfig`` beside ``GPT``); ``pipeline/config.py`` composes
+it into the experiment tree. Presets are named instances of this class in ``models/presets.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""
+    """Name of a preset in ``models/presets.py`` whose values replace these defaults before the YAML
+    file and the overrides are applied ("" = none). See ``cscctrl train --help`` for the list."""
+
+    image_size: int = 32
+    """Input resolution (square). The encoder halves it with k4-s2-p1 CSC stages while it is even and
+    larger than 6 (32→16→8→4, 48→24→12→6, 128→64→…→4); a last CSC stage with a valid kernel of the
+    remaining size maps it to 1×1."""
+
+    in_channels: int = 3
+    """Image channels (3 for RGB; Fashion-MNIST is replicated to RGB by the data path)."""
+
+    ndf: int = 64
+    """Atoms of the first encoder stage; each halving stage doubles it (ndf, 2ndf, 4ndf, …)."""
+
+    ngf: int = 0
+    """Width of the decoder's first (largest-resolution) stage; 0 = same as ndf (a mirror image)."""
+
+    nz: int = 512
+    """Feature dimension d of z = f(x) / ‖f(x)‖ on the unit sphere."""
+
+    n_steps: int = 2
+    """Unrolled proximal-gradient steps n per CSC layer (SDNet default 2)."""
+
+    lam: float = 0.1
+    """Sparsity weight λ of every CSC layer (SDNet default 0.1)."""
+
+    lam_per_stage: tuple[float, ...] = ()
+    """Optional λ per encoder stage (one value per CSC stage, the last 1×1 stage included); () = use lam."""
+
+    mu: float = 0.0
+    """Elastic-net weight μ of every CSC layer (0 = plain ℓ₁)."""
+
+    nonneg: bool = True
+    """Non-negative codes (ReLU proximal map), as SDNet's DictBlock."""
+
+    solver: Literal["fista", "ista"] = "fista"
+    """Unrolled solver: FISTA momentum from step 3 on, or plain ISTA."""
+
+    decoder_dictionaries: Literal["separate", "tied"] = "separate"
+    """'separate': the decoder has its own unit-norm dictionaries (a true second player, as in CTRL);
+    'tied': the decoder synthesises with the encoder's dictionaries (as in the authors' prototype)."""
+
+    power_iters: int = 50
+    """Power-iteration steps for L = ‖A‖₂² on a cold start (a new spatial size), stopping at relative
+    change < 1e-5."""
+
+    power_iters_warm: int = 5
+    """Warm-started power-iteration steps after each optimizer step of the dictionaries' owner (fixed
+    count, so no host-device synchronisation)."""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ValueError(f"model.image_size={self.image_size}: must be at least 8 pixels")
+        for name in ("in_channels", "ndf", "nz", "n_steps", "power_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)}: must be >= 1")
+        if self.ngf < 0:
+            raise ValueError(f"model.ngf={self.ngf}: must be >= 0 (0 = same as ndf)")
+        if self.lam < 0 or any(v < 0 for v in self.lam_per_stage):
+            raise ValueError(f"model.lam / model.lam_per_stage must be >= 0, got {self.lam} / {self.lam_per_stage}")
+        if self.mu < 0:
+            raise ValueError(f"model.mu={self.mu}: must be >= 0")
+        if self.lam_per_stage and len(self.lam_per_stage) != self.num_stages:
+            raise ValueError(
+                f"model.lam_per_stage has {len(self.lam_per_stage)} values but image_size={self.image_size} "
+                f"gives {self.num_stages} CSC stages ({self.num_stages - 1} halving + 1 final)")
+
+    # ---- derived architecture (one place; encoder and decoder both read it) ----
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Spatial size entering each halving stage, then the final size: 32 → [32, 16, 8, 4]."""
+        sizes = [self.image_size]
+        while sizes[-1] > 6 and sizes[-1] % 2 == 0:
+            sizes.append(sizes[-1] // 2)
+        return sizes
+
+    @property
+    def num_stages(self) -> int:
+        """CSC stages of the encoder: the halving stages plus the final valid-kernel stage."""
+        return len(self.resolutions)
+
+    def stage_lams(self) -> list[float]:
+        return list(self.lam_per_stage) if self.lam_per_stage else [self.lam] * self.num_stages
+
+    @property
+    def decoder_width(self) -> int:
+        return self.ngf or self.ndf

@@ -1,0 +1,1 @@
+"""Training application: config, the CTRL trainer, Ray wiring, MLflow tracking, evaluation, CLI."""

@@ -1,0 +1,467 @@
+"""The experiment configuration: one typed tree of dataclasses.
+
+Precedence: defaults (this file) < model preset (``model.preset``) < YAML file < ``section.key=value``
+overrides. An unknown key or a value of the wrong type is an error that names the key and lists the
+valid choices. The tree becomes a plain dict only at the Ray boundary (``to_dict`` / ``from_dict``).
+Ray Tune search spaces are dotted keys applied by the same ``apply_overrides``.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from models.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad key, type or value in the configuration; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectiveConfig:
+    mode: Literal["binary", "multiclass"] = "binary"
+    """'binary': max_f min_g ΔR(Z, Ẑ) (unlabelled); 'multiclass': ΔR(Z|Π) + ΔR(Ẑ|Π) + Σⱼ ΔR(Zⱼ, Ẑⱼ)."""
+
+    eps_sq: float = 0.5
+    """ε² of the coding rate (the reference code's EPS = 0.5 is ε² itself)."""
+
+    rate_weight: float = 0.0
+    """Weight of the extra R(Z) term (u-CTRL); 0 = off."""
+
+    consistency_weight: float = 0.0
+    """λ₂ of the sample-wise consistency Σᵢ (1 − cos(zᵢ, ẑᵢ)); both players minimise it; 0 = off."""
+
+    num_classes: int = 0
+    """Classes k for the multiclass objective; 0 = read from the shard manifest."""
+
+    def __post_init__(self) -> None:
+        if self.eps_sq <= 0:
+            raise ConfigError(f"objective.eps_sq={self.eps_sq}: must be > 0 (it is ε²)")
+        if self.rate_weight < 0 or self.consistency_weight < 0:
+            raise ConfigError("objective.rate_weight and objective.consistency_weight must be >= 0")
+        if self.num_classes < 0:
+            raise ConfigError(f"objective.num_classes={self.num_classes}: must be >= 0")
+
+
+@dataclass
+class AdamConfig:
+    lr: float = 1.5e-4
+    """Peak learning rate (REFERENCE.md §5: 1.5e-4 for both players)."""
+
+    betas: tuple[float, float] = (0.5, 0.999)
+    """Adam (β₁, β₂): (0.5, 0.999) for the 32 px labelled setting, (0.0, 0.9) for 48/128 px."""
+
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr}: must be > 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas={self.betas}: each must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    encoder: AdamConfig = field(default_factory=AdamConfig)
+    """Adam for the encoder f (the maximising player)."""
+
+    decoder: AdamConfig = field(default_factory=AdamConfig)
+    """Adam for the decoder g (the minimising player)."""
+
+    schedule: Literal["linear", "constant"] = "linear"
+    """Learning-rate schedule: linear decay to 0 at train.steps (REFERENCE.md §5), or constant."""
+
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many steps before the schedule."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    """CTRL iterations (each: encoder_steps_per_decoder_step encoder steps + one decoder step)."""
+
+    batch_size_per_worker: int = 128
+    """Images per worker per step; the global batch is this × scaling.num_workers."""
+
+    encoder_steps_per_decoder_step: int = 1
+    """'inner' of REFERENCE.md §5: encoder steps before each decoder step."""
+
+    precision: Literal["auto", "bf16", "fp32", "tf32"] = "auto"
+    """Network arithmetic: 'auto' = bf16 autocast on GPU, fp32 on CPU. Logdets are always fp32."""
+
+    compile: bool = False
+    """torch.compile the networks (GPU only; pays off on long runs)."""
+
+    channels_last: bool = True
+    """channels_last memory format on GPU."""
+
+    log_every: int = 50
+    """Steps between metric reports (the only host-device synchronisation of the loop)."""
+
+    image_every: int = 500
+    """Steps between image artifacts (reconstruction grid, dictionary atoms); 0 = only at the end."""
+
+    checkpoint_every: int = 500
+    """Steps between checkpoints (one is always written at the end)."""
+
+    eval_batches: int = 8
+    """Batches of the evaluation split used at the end of training (0 = skip)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size_per_worker", "encoder_steps_per_decoder_step", "log_every",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        if self.image_every < 0 or self.eval_batches < 0:
+            raise ConfigError("train.image_every and train.eval_batches must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Directory or fsspec URL holding the shards and manifest written by `cscctrl shard`
+    ('' = the demo shards, built on first use under run.storage_path)."""
+
+    train_split: str = "train"
+    eval_split: str = "val"
+    """Split used for evaluation at the end of training ('' = none)."""
+
+    loader_workers: int = 2
+    """DataLoader worker processes per training worker."""
+
+    shuffle_buffer: int = 2000
+    """Samples in the shuffle buffer of each loader worker."""
+
+    flip: bool = True
+    """Random horizontal flips."""
+
+    dequantize: bool = False
+    """Add U[0,1)/128 noise after scaling to [-1, 1] (CTRL ImageNet preprocessing)."""
+
+    synthetic: bool = False
+    """Random tensors instead of shards (benchmarks and smoke tests)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run name; the same name resumes from its last checkpoint. '' = derived from the config's content."""
+
+    storage_path: str = "runs"
+    """Where checkpoints and Ray results go: a local path or a shared URL (s3://...)."""
+
+    seed: int = 0
+    """Seed; worker r uses seed + r for model and augmentation randomness."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; '' = $MLFLOW_TRACKING_URI, else a local sqlite store under run.storage_path."""
+
+    experiment: str = "cscctrl"
+    registered_model: str = ""
+    """Register the final model under this name ('' = log the model without registering it)."""
+
+    alias: str = "latest"
+    """Registry alias set on the registered version."""
+
+    log_model: bool = True
+    """Log the final encoder/decoder with mlflow.pytorch.log_model."""
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    """Ray Train workers (one per GPU on GPU clusters). 0 = run the loop in this process without Ray."""
+
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    """GPUs per worker when use_gpu (fractions allowed for sweeps)."""
+
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the run fails."""
+
+    keep_checkpoints: int = 2
+    """Checkpoints kept in storage (the newest)."""
+
+    sync_batchnorm: bool = True
+    """BatchNorm statistics over the global batch (needed for exact multi-worker parity)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"scaling.num_workers={self.num_workers}: must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"scaling.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.batch_size_per_worker * max(1, self.scaling.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        return from_dict(cls, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dict round trip and type checking
+# ----------------------------------------------------------------------------------------------
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain dict of builtins (tuples become lists, as YAML and JSON hold them)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(path: str, key: str, cls: type) -> ConfigError:
+    valid = _field_names(cls)
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    where = f"'{path}.{key}'" if path else f"'{key}'"
+    return ConfigError(f"unknown config key {where}.{hint} Valid keys{' in ' + path if path else ''}: "
+                       f"{', '.join(valid)}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert the few lossless cases (int -> float,
+    list -> tuple). Anything else raises a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be {_type_name(tp)}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': {value!r} matches none of {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list; got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must have {len(args)} values; got {list(value)!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number; got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer; got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false; got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string; got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported annotation {tp}")
+
+
+def from_dict(cls: type, d: dict[str, Any], path: str = "") -> Any:
+    """Plain dict -> dataclass ``cls``, type-checked; unknown keys raise. Missing keys keep defaults."""
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in hints:
+            raise _unknown_key(path, key, cls)
+        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}" if path else key)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging: presets, YAML files, overrides
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'optim.encoder.lr=3e-4' -> ('optim.encoder.lr', 3e-4). Values are Python/YAML literals; anything
+    that is not one (a bare word, a path) is taken as a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    raw = raw.strip()
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        lowered = raw.lower()
+        value = {"true": True, "false": False, "none": None, "null": None}.get(lowered, raw)
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree['a']['b']['c'] = value`` for key 'a.b.c', checking every part is a real config path."""
+    parts = key.split(".")
+    cls: Any = ExperimentConfig
+    node = tree
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown_key(".".join(parts[:i]), part, cls)
+        tp = hints[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"config key '{key}' is a section, not a value; set one of its keys: "
+                                  f"{', '.join(_field_names(tp))}")
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = node.setdefault(part, {})
+        cls = tp
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or a bare name of a file in configs/ ('imagenet128' -> configs/imagenet128.yaml)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if candidate.exists():
+            return candidate
+    available = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {str(path)!r} not found (bundled configs: {', '.join(available)})")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = resolve_config_path(path)
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    return data
+
+
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Apply dotted-key overrides to a plain config dict (a copy is returned). Accepts CLI strings
+    ('a.b=1') or a mapping {'a.b': 1} (a Ray Tune sample). Every key must be a real config path."""
+    tree = _deep_merge({}, tree)
+    items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else overrides.items()
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None) -> ExperimentConfig:
+    """defaults < ``base`` dict < model preset < YAML file < overrides -> a checked ExperimentConfig."""
+    tree: dict[str, Any] = dict(base or {})
+    if path:
+        tree = _deep_merge(tree, read_yaml(path))
+    tree = apply_overrides(tree, overrides or {})
+    preset = tree.get("model", {}).get("preset")
+    if preset:
+        from models.presets import preset_config  # a preset fills the model section under the file
+        tree["model"] = _deep_merge(to_dict(preset_config(preset)), tree["model"])
+    return ExperimentConfig.from_dict(tree)
+
+
+def diff_from_defaults(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The nested dict of values that differ from the defaults (what a YAML file should hold)."""
+
+    def diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in a.items():
+            if isinstance(v, dict):
+                sub = diff(v, b[k])
+                if sub:
+                    out[k] = sub
+            elif v != b[k]:
+                out[k] = v
+        return out
+
+    return diff(cfg.to_dict(), ExperimentConfig().to_dict())
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b.c': value} (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def dump_yaml(cfg: ExperimentConfig, only_diff: bool = False) -> str:
+    data = diff_from_defaults(cfg) if only_diff else cfg.to_dict()
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv, then runs the CPU test suite. Extra arguments go to pytest.
+# pytest's exit code 5 ("no tests ran") is turned into a failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+export MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+.venv/bin/python -m pytest "$@"
+rc=$?
+if [ "$rc" = 5 ]; then
+    echo "error: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$rc"

@@ -1,0 +1,1 @@
+"""Image sources -> WebDataset tar shards + parquet manifest; the streaming reader; verification."""
