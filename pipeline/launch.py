@@ -1,0 +1,182 @@
+"""`cscctrl train`: resolve the config, check everything that can be checked, then fit a Ray TorchTrainer.
+
+    cscctrl train [-c CONFIG.yaml] [section.key=value ...]
+
+Connects to a running Ray cluster when there is one (RAY_ADDRESS, or inside `ray job submit`), else
+starts a local one. The same run name resumes from its last checkpoint in run.storage_path.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, ExperimentConfig, dump_yaml, load_config
+from pipeline.tracking import _is_remote, check_reachable, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+HELP_EPILOG = """\
+examples:
+  cscctrl train                                   # demo shards, 1 CPU worker, local MLflow store
+  cscctrl train -c configs/fashion_mnist32.yaml data.shards=/data/fmnist-shards scaling.num_workers=2
+  cscctrl train -c imagenet128 data.shards=s3://bucket/imagenet-128 run.storage_path=s3://bucket/runs \\
+      tracking.uri=http://127.0.0.1:5000 scaling.num_workers=8 scaling.use_gpu=true
+  cscctrl train --print-config model.preset=csc_ctrl_48    # show the resolved config and exit
+
+Overrides are section.key=value with sections model, objective, optim, train, data, run, tracking,
+scaling; values are Python/YAML literals (3e-4, true, [0.0, 0.9], csc_ctrl_128). Precedence:
+defaults < model.preset < YAML file < overrides. Every key is documented in pipeline/config.py.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = HELP_EPILOG
+    p.add_argument("-c", "--config", help="YAML file (or the name of one in configs/) holding only what "
+                                          "differs from the defaults")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        cfg = prepare(cfg)
+    except (ConfigError, FileNotFoundError, ConnectionError, ValueError) as e:
+        print(f"cscctrl train: error: {e}", file=sys.stderr)
+        return 2
+    result = run_training(cfg)
+    return 0 if result is not None else 1
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    """Content-based: the same config gives the same name (so re-running resumes); no timestamps."""
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k != "name"}
+    d.pop("tracking", None)
+    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    return f"ctrl-{cfg.model.image_size}px-{cfg.objective.mode}-{digest}"
+
+
+def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fill what the workers must agree on (run name, absolute storage, tracking URI, class count) and
+    fail here, before any worker starts, on anything that would fail later."""
+    run, data, tracking, objective = cfg.run, cfg.data, cfg.tracking, cfg.objective
+    storage = run.storage_path if _is_remote(run.storage_path) else str(Path(run.storage_path).expanduser().resolve())
+    run = dataclasses.replace(run, storage_path=storage)
+    cfg = dataclasses.replace(cfg, run=run)
+    if not data.synthetic:
+        if not data.shards:
+            from pipeline.demo import ensure_demo_shards
+
+            data = dataclasses.replace(data, shards=ensure_demo_shards(storage))
+        manifest = check_shards(data.shards, data.train_split, cfg.model.image_size)
+        if objective.mode == "multiclass" and not objective.num_classes:
+            objective = dataclasses.replace(objective, num_classes=manifest.num_classes)
+    if objective.mode == "multiclass" and objective.num_classes < 2:
+        raise ConfigError(f"objective.mode=multiclass needs at least 2 classes; got {objective.num_classes}")
+    cfg = dataclasses.replace(cfg, data=data, objective=objective)
+    uri = resolve_tracking_uri(cfg)
+    check_reachable(uri)
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(tracking, uri=uri))
+    if not run.name:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(run, name=default_run_name(cfg)))
+    return cfg
+
+
+def check_shards(url: str, split: str, image_size: int) -> Any:
+    """The manifest must exist and list the training split; returns it."""
+    from sharding.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(url)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data.shards={url!r}: no shard manifest there ({e}). Write shards first: "
+                                f"cscctrl shard SOURCE {url}") from e
+    if split not in manifest.splits:
+        raise ConfigError(f"data.train_split={split!r} is not in {url} (splits: {', '.join(manifest.splits)})")
+    return manifest
+
+
+def ray_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """Start or join Ray; check the cluster can ever hold the worker group (else Ray waits forever)."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, log_to_driver=True,
+                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}})
+    total = ray.cluster_resources()
+    s = cfg.scaling
+    need_cpu = s.num_workers * s.cpus_per_worker
+    need_gpu = s.num_workers * s.gpus_per_worker if s.use_gpu else 0
+    if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
+        raise ConfigError(
+            f"scaling asks for {s.num_workers} workers × ({s.cpus_per_worker} CPU"
+            f"{f', {s.gpus_per_worker} GPU' if s.use_gpu else ''}) = {need_cpu:g} CPU, {need_gpu:g} GPU, but the "
+            f"Ray cluster has {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU. Lower scaling.num_workers "
+            f"or scaling.cpus_per_worker, or add nodes.")
+    return total
+
+
+def build_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> Any:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.worker import train_loop_per_worker
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+def run_training(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> Any:
+    """Fit the run described by a prepared config; returns Ray's Result, or None when training failed
+    (the error is printed, naming what failed)."""
+    import ray.train
+
+    if cfg.scaling.num_workers > 0:
+        ray_resources(cfg)
+    print(f"[cscctrl] run {cfg.run.name}: {max(1, cfg.scaling.num_workers)} worker(s) × batch "
+          f"{cfg.train.batch_size_per_worker}, {cfg.train.steps} steps, storage {cfg.run.storage_path}, "
+          f"MLflow {cfg.tracking.uri} (experiment '{cfg.tracking.experiment}')", flush=True)
+    try:
+        result = build_trainer(cfg, callbacks).fit()
+    except ray.train.TrainingFailedError as e:
+        print(f"cscctrl train: training failed: {root_cause(e)}", file=sys.stderr)
+        return None
+    print(f"[cscctrl] finished {cfg.run.name}; checkpoint: {result.checkpoint.path if result.checkpoint else '-'}",
+          flush=True)
+    return result
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost error message of a Ray failure (worker tracebacks are long)."""
+    seen = e
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else repr(seen)

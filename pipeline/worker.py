@@ -1,0 +1,191 @@
+"""What runs on each Ray Train worker: ``train_loop_per_worker(config_dict)``.
+
+The config arrives as a plain dict (the Ray boundary) and is re-typed on the first line. Every rank
+calls ``ray.train.report`` the same number of times (at the logging and checkpoint cadences); only rank
+0 attaches a checkpoint, talks to MLflow and prints progress.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline import distributed
+from pipeline.checkpoint import checkpoint_dir_name, find_latest, load_ray_checkpoint, load_state, save_state
+from pipeline.config import ExperimentConfig
+from pipeline.trainer import CTRLTrainer
+
+log = logging.getLogger(__name__)
+
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
+    cfg = ExperimentConfig.from_dict(config_dict)
+    import ray.train
+
+    local_mode = cfg.scaling.num_workers == 0
+    rank, world = distributed.rank(), distributed.world_size()
+    device = _device(cfg, local_mode)
+    state = _resume_state(cfg, local_mode)
+    start_step = int(state["step"]) if state else 0
+
+    num_classes = resolve_num_classes(cfg)
+    batches = make_batches(cfg, rank=rank, world_size=world, start_step=start_step, device=device)
+    tracker = None
+    if rank == 0:
+        from pipeline.tracking import MLflowTracker
+
+        tracker = MLflowTracker(cfg, cfg.run.name, run_dir=run_dir(cfg))
+        if state:
+            print(f"[cscctrl] resuming {cfg.run.name} from step {start_step}"
+                  f"{' (same MLflow run)' if tracker.resumed else ''}", flush=True)
+    reporter = RunReporter(cfg, tracker, local_mode=local_mode, ray_train=ray.train)
+    trainer = CTRLTrainer(cfg, device=device, num_classes=num_classes, batches=batches,
+                          reporter=reporter, state=state)
+    try:
+        metrics = trainer.fit()
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+    if tracker:
+        from pipeline.evaluate import evaluate_at_end
+
+        metrics.update(evaluate_at_end(cfg, trainer, tracker))
+        if cfg.tracking.log_model:
+            version = tracker.log_model(trainer.raw_encoder, trainer.raw_decoder)
+            if version:
+                print(f"[cscctrl] registered model {cfg.tracking.registered_model} version {version}"
+                      f" (alias '{cfg.tracking.alias}')", flush=True)
+        tracker.finish("FINISHED")
+    return metrics
+
+
+def run_dir(cfg: ExperimentConfig) -> str:
+    return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+
+
+def _device(cfg: ExperimentConfig, local_mode: bool) -> torch.device:
+    if not cfg.scaling.use_gpu:
+        return torch.device("cpu")
+    if local_mode:
+        return torch.device("cuda")
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    return device
+
+
+def _resume_state(cfg: ExperimentConfig, local_mode: bool) -> dict[str, Any] | None:
+    """The last checkpoint of this run name: Ray's (restored from storage_path/name), or in local mode
+    the newest one this module persisted itself."""
+    import ray.train
+
+    if local_mode:
+        latest = find_latest(run_dir(cfg)) if Path(run_dir(cfg)).exists() else None
+        return load_state(latest) if latest else None
+    ckpt = ray.train.get_checkpoint()
+    return load_ray_checkpoint(ckpt) if ckpt else None
+
+
+def resolve_num_classes(cfg: ExperimentConfig) -> int:
+    if cfg.objective.mode == "binary":
+        return 1
+    if cfg.objective.num_classes:
+        return cfg.objective.num_classes
+    if cfg.data.synthetic:
+        return 10
+    from sharding.manifest import read_manifest
+
+    return read_manifest(cfg.data.shards).num_classes
+
+
+def synthetic_batches(cfg: ExperimentConfig, device: torch.device, num_classes: int = 10) -> Iterator[tuple[Tensor, Tensor]]:
+    """A fixed random batch on the device, forever (benchmarks: the step without any data path)."""
+    m = cfg.model
+    g = torch.Generator().manual_seed(cfg.run.seed + distributed.rank())
+    x = (torch.rand(cfg.train.batch_size_per_worker, m.in_channels, m.image_size, m.image_size, generator=g) * 2 - 1)
+    labels = torch.randint(0, num_classes, (cfg.train.batch_size_per_worker,), generator=g)
+    x, labels = x.to(device), labels.to(device)
+    while True:
+        yield x, labels
+
+
+def make_batches(cfg: ExperimentConfig, *, rank: int, world_size: int, start_step: int,
+                 device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    if cfg.data.synthetic:
+        return synthetic_batches(cfg, device)
+    from sharding.stream import make_train_loader
+
+    loader = make_train_loader(
+        cfg.data.shards, split=cfg.data.train_split, image_size=cfg.model.image_size,
+        batch_size=cfg.train.batch_size_per_worker, num_workers=cfg.data.loader_workers,
+        # the data position: a resampled stream re-seeded from (seed, step) continues without replaying
+        seed=cfg.run.seed, epoch=start_step, rank=rank, world_size=world_size,
+        flip=cfg.data.flip, dequantize=cfg.data.dequantize, shuffle_buffer=cfg.data.shuffle_buffer,
+        pin_memory=device.type == "cuda")
+    return iter(loader)
+
+
+class RunReporter:
+    """Sends the loop's measurements to the terminal, MLflow (rank 0) and Ray (every rank)."""
+
+    def __init__(self, cfg: ExperimentConfig, tracker: Any, *, local_mode: bool, ray_train: Any) -> None:
+        self.cfg = cfg
+        self.tracker = tracker
+        self.local_mode = local_mode
+        self.ray_train = ray_train
+        self.t_start = time.perf_counter()
+        self.first_psnr: float | None = None
+
+    def metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self.tracker:
+            self.tracker.log_metrics(step, metrics)
+            print(progress_line(step, self.cfg.train.steps, metrics), flush=True)
+        self.ray_train.report(metrics)
+
+    def images(self, step: int, trainer: CTRLTrainer, x: Tensor) -> None:
+        if not self.tracker:
+            return
+        from pipeline.evaluate import training_images
+
+        for name, image in training_images(trainer, x).items():
+            self.tracker.log_image(image, f"images/step{step:08d}_{name}.png")
+
+    def checkpoint(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        name = checkpoint_dir_name(step)
+        if self.local_mode:
+            self._persist_local(state, name)
+            self.ray_train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if distributed.rank() == 0:
+                save_state(state, d)
+                ckpt = self.ray_train.Checkpoint.from_directory(d)
+            self.ray_train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+    def _persist_local(self, state: dict[str, Any], name: str) -> None:
+        """In-process runs (scaling.num_workers=0) keep their own newest checkpoints."""
+        root = Path(run_dir(self.cfg))
+        save_state(state, root / name)
+        existing = sorted(p for p in root.glob("checkpoint_step*") if p.is_dir())
+        for old in existing[:-self.cfg.scaling.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def progress_line(step: int, total: int, m: dict[str, float]) -> str:
+    ips = m.get("perf/images_per_s", 0.0)
+    remaining = (total - step) * m.get("perf/step_ms", 0.0) / 1000.0
+    eta = time.strftime("%H:%M:%S", time.gmtime(remaining)) if remaining < 86400 else f"{remaining / 3600:.0f}h"
+    terms = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in m.items()
+                     if k.startswith("decoder/") and k != "decoder/consistency")
+    return (f"[cscctrl] step {step}/{total} | {ips:,.0f} img/s | {terms} | psnr={m.get('train/recon_psnr', 0):.2f} dB"
+            f" | data wait {100 * m.get('perf/data_wait_fraction', 0):.0f}% | eta {eta}")
