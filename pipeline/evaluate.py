@@ -1,0 +1,328 @@
+"""Evaluation of a trained CSC-CTRL autoencoder, and `cscctrl eval`.
+
+    cscctrl eval CHECKPOINT_OR_RUN [--data SHARDS_URL] [--split val] [--out DIR]
+
+On an exact, non-resampled pass over a shard split: reconstruction MSE / PSNR / SSIM of g(f(x)),
+per-stage sparsity of the codes, the ΔR terms on the whole evaluation set (Gram statistics summed over
+batches), feature quality where labels exist (k-NN and nearest-subspace accuracy with the training
+split as reference), and FD-EffNetLite0 / KID between real and reconstructed images (a Fréchet distance
+on EfficientNet-Lite0 features that ship in a package: named for what it is, not "FID").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models import build_models
+from models.ctrl import CTRLStats, ctrl_objective, ctrl_statistics
+from pipeline import metrics as M
+from pipeline.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+GRID_IMAGES = 32  # images in a real-vs-reconstruction grid
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures during training (rank 0)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def training_images(trainer: Any, x: Tensor) -> dict[str, Any]:
+    """Real-vs-reconstruction grid and the stage-1 dictionary atoms (pixel space) of the encoder.
+    Run in eval mode (running BN statistics: no collective, safe on rank 0 alone)."""
+    from pipeline.images import atom_tiles, recon_grid
+
+    enc, dec = trainer.raw_encoder, trainer.raw_decoder
+    was_training = enc.training, dec.training
+    enc.eval(), dec.eval()
+    try:
+        xs = x[:GRID_IMAGES].float()
+        x_hat = dec(enc(xs)).float()
+    finally:
+        enc.train(was_training[0]), dec.train(was_training[1])
+    return {"recon": recon_grid(xs.cpu(), x_hat.cpu()),
+            "atoms_stage1": atom_tiles(first_csc_weight(enc).detach().float().cpu())}
+
+
+def first_csc_weight(encoder: nn.Module) -> Tensor:
+    from models.csc import CSCLayer
+
+    for m in encoder.modules():
+        if isinstance(m, CSCLayer):
+            return m.weight
+    raise ValueError("the encoder has no CSC layer")
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation pass
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    features: Tensor | None = None   # (n, d) z of every evaluated image
+    labels: Tensor | None = None     # (n,)
+    sparsity_per_atom: list[Tensor] = field(default_factory=list)  # per stage (M,) fractions
+    example: tuple[Tensor, Tensor] | None = None  # (x, x_hat) of the first batch, CPU
+
+
+@torch.no_grad()
+def evaluate_model(encoder: nn.Module, decoder: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
+                   device: torch.device, mode: str, num_classes: int, eps_sq: float,
+                   max_batches: int = 0, keep_features: bool = False,
+                   fd_features: Any = None) -> EvalResult:
+    """One exact pass (or ``max_batches`` batches) in eval mode. The ΔR terms are those of the whole
+    evaluated set: per-batch Gram statistics are summed, then the logdets are taken once."""
+    encoder.eval(), decoder.eval()
+    k = num_classes if mode == "multiclass" else 1
+    sums: dict[str, float] = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0}
+    n_images = 0
+    stats: CTRLStats | None = None
+    code_nonzero: list[Tensor] = []
+    code_total = 0
+    feats, labs = [], []
+    real_f, recon_f = [], []
+    example = None
+    for i, (x, labels) in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        x, labels = x.to(device).float(), labels.to(device)
+        z, codes = encoder.forward_with_codes(x)
+        x_hat = decoder(z).float()
+        z_hat = encoder(x_hat)
+        b = x.shape[0]
+        n_images += b
+        sums["mse"] += M.mse(x, x_hat, reduction="none").sum().item()
+        sums["psnr"] += M.psnr(x, x_hat, reduction="none").clamp(max=100.0).sum().item()
+        sums["ssim"] += M.ssim(x, x_hat, reduction="none").sum().item()
+        s = ctrl_statistics(z, z_hat, labels.clamp(0, k - 1) if k > 1 else labels, k, mode)
+        stats = s if stats is None else CTRLStats.from_flat(stats.to_flat() + s.to_flat(), k, z.shape[1])
+        usage = [M.atom_usage(c).mul(b) for c in codes]
+        code_nonzero = usage if not code_nonzero else [a + u for a, u in zip(code_nonzero, usage)]
+        code_total += b
+        if keep_features:
+            feats.append(z.float().cpu())
+            labs.append(labels.cpu())
+        if fd_features is not None:
+            real_f.append(fd_features(x).cpu())
+            recon_f.append(fd_features(x_hat).cpu())
+        if example is None:
+            example = (x[:GRID_IMAGES].cpu(), x_hat[:GRID_IMAGES].cpu())
+    if n_images == 0:
+        raise ValueError("the evaluation data yielded no images")
+    metrics = {k_: v / n_images for k_, v in sums.items()}
+    per_atom = [c / code_total for c in code_nonzero]
+    for j, u in enumerate(per_atom):
+        metrics[f"sparsity/stage{j + 1}"] = float(u.mean())
+    terms = ctrl_objective(stats, mode, eps_sq)
+    metrics.update({f"objective/{name}": float(v) for name, v in terms.as_dict().items()})
+    metrics["images"] = float(n_images)
+    if fd_features is not None:
+        a, b_ = torch.cat(real_f).numpy(), torch.cat(recon_f).numpy()
+        metrics["fd_effnetlite0"] = M.frechet_distance(a, b_)
+        kid = M.kid(a, b_, subsets=10, subset_size=min(1000, len(a)))
+        metrics["kid_effnetlite0"] = kid.mean
+    return EvalResult(metrics=metrics,
+                      features=torch.cat(feats) if feats else None,
+                      labels=torch.cat(labs) if labs else None,
+                      sparsity_per_atom=[u.cpu() for u in per_atom], example=example)
+
+
+def feature_accuracy(train: EvalResult, test: EvalResult, num_classes: int) -> dict[str, float]:
+    """k-NN and nearest-subspace accuracy of z (train features as the reference set)."""
+    if train.features is None or test.features is None:
+        return {}
+    k = min(20, len(train.features))
+    r = max(1, min(train.features.shape[1] // max(1, num_classes), 12))
+    return {
+        "knn_accuracy": M.knn_accuracy(train.features, train.labels, test.features, test.labels, k=k),
+        "nearest_subspace_accuracy": M.nearest_subspace_accuracy(train.features, train.labels, test.features,
+                                                                 test.labels, n_components=r),
+    }
+
+
+def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[str, float]:
+    """The end-of-training evaluation on data.eval_split (rank 0; a bounded number of batches)."""
+    if not cfg.train.eval_batches or not cfg.data.eval_split or cfg.data.synthetic:
+        return {}
+    from sharding.manifest import read_manifest
+    from sharding.stream import make_eval_loader
+
+    if cfg.data.eval_split not in read_manifest(cfg.data.shards).splits:
+        log.warning("no '%s' split in %s: skipping the end-of-training evaluation", cfg.data.eval_split,
+                    cfg.data.shards)
+        return {}
+    loader = make_eval_loader(cfg.data.shards, split=cfg.data.eval_split, image_size=cfg.model.image_size,
+                              batch_size=cfg.train.batch_size_per_worker, num_workers=0, rank=0, world_size=1)
+    result = evaluate_model(trainer.raw_encoder, trainer.raw_decoder, loader, device=trainer.device,
+                            mode=cfg.objective.mode, num_classes=trainer.num_classes,
+                            eps_sq=cfg.objective.eps_sq, max_batches=cfg.train.eval_batches)
+    trainer.raw_encoder.train(), trainer.raw_decoder.train()
+    out = {f"eval/{k}": v for k, v in result.metrics.items()}
+    tracker.log_metrics(trainer.step, out)
+    if result.example is not None:
+        from pipeline.images import recon_grid
+
+        tracker.log_image(recon_grid(*result.example), f"eval/{cfg.data.eval_split}_recon.png")
+    print("[cscctrl] eval on '{}': psnr {:.2f} dB, ssim {:.3f}, mse {:.4f}".format(
+        cfg.data.eval_split, out["eval/psnr"], out["eval/ssim"], out["eval/mse"]), flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a trained model
+# ----------------------------------------------------------------------------------------------
+
+
+def load_trained(source: str, tracking_uri: str = "") -> tuple[ExperimentConfig, nn.Module, nn.Module, str]:
+    """A checkpoint directory, a Ray run directory (newest checkpoint), or an MLflow run id whose
+    training run name leads to its checkpoints. Returns (config, encoder, decoder, description)."""
+    from pipeline.checkpoint import find_latest, load_state
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        path = _checkpoint_of_mlflow_run(source, tracking_uri)
+    latest = find_latest(path)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint under {path} (expected checkpoint_*/state.pt or state.pt)")
+    state = load_state(latest)
+    if "config" not in state or "encoder" not in state:
+        raise ValueError(f"{latest} is not a cscctrl checkpoint (no config / encoder in it)")
+    cfg = ExperimentConfig.from_dict(state["config"])
+    encoder, decoder = build_models(cfg.model)
+    try:
+        encoder.load_state_dict(state["encoder"])
+        decoder.load_state_dict(state["decoder"])
+    except RuntimeError as e:
+        raise ValueError(f"{latest}: the checkpoint does not match the architecture in its config: "
+                         f"{str(e).splitlines()[0]}") from e
+    return cfg, encoder, decoder, f"{latest} (step {state['step']})"
+
+
+def _checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import RUN_NAME_TAG
+
+    client = MlflowClient(tracking_uri or None)
+    try:
+        run = client.get_run(run_id.removeprefix("runs:/").split("/")[0])
+    except MlflowException as e:
+        raise FileNotFoundError(f"{run_id!r} is neither a checkpoint path nor an MLflow run id "
+                                f"at {client.tracking_uri}") from e
+    params = run.data.params
+    name = run.data.tags.get(RUN_NAME_TAG)
+    storage = params.get("run.storage_path")
+    if not name or not storage:
+        raise ValueError(f"MLflow run {run_id} was not written by `cscctrl train` (no run name tag)")
+    return Path(storage) / name
+
+
+# ----------------------------------------------------------------------------------------------
+# `cscctrl eval`
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="CHECKPOINT_OR_RUN",
+                   help="checkpoint directory, Ray run directory (newest checkpoint), or MLflow run id")
+    p.add_argument("--data", default="", help="shard set to evaluate on (default: the one trained on); "
+                                              "another shard set measures generalisation")
+    p.add_argument("--split", default="val", help="split of --data to evaluate (default: val)")
+    p.add_argument("--reference-split", default="train",
+                   help="split whose features are the k-NN / nearest-subspace reference (default: train)")
+    p.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0 = all)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--no-fd", action="store_true", help="skip FD-EffNetLite0 / KID (slow on CPU)")
+    p.add_argument("--out", default="", help="directory for the report (default: <run dir>/eval-<split>)")
+    p.add_argument("--tracking-uri", default="", help="MLflow store to log to (default: the run's)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"cscctrl eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    from sharding.manifest import read_manifest
+    from sharding.stream import make_eval_loader
+
+    cfg, encoder, decoder, desc = load_trained(args.source, args.tracking_uri)
+    data = args.data or cfg.data.shards
+    manifest = read_manifest(data)
+    if args.split not in manifest.splits:
+        raise ValueError(f"split {args.split!r} not in {data} (splits: {', '.join(manifest.splits)})")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    encoder.to(device), decoder.to(device)
+    fd = None
+    if not args.no_fd:
+        from pipeline.features import EffNetLite0Features
+
+        fd = EffNetLite0Features(device)
+
+    def loader(split: str) -> Any:
+        return make_eval_loader(data, split=split, image_size=cfg.model.image_size, batch_size=args.batch_size,
+                                num_workers=0, rank=0, world_size=1)
+
+    k = cfg.objective.num_classes if cfg.objective.mode == "multiclass" else 1
+    common = dict(device=device, mode=cfg.objective.mode, num_classes=k, eps_sq=cfg.objective.eps_sq,
+                  max_batches=args.max_batches)
+    labelled = manifest.num_classes > 1
+    test = evaluate_model(encoder, decoder, loader(args.split), keep_features=labelled, fd_features=fd, **common)
+    metrics = dict(test.metrics)
+    if labelled and args.reference_split in manifest.splits and args.reference_split != args.split:
+        ref = evaluate_model(encoder, decoder, loader(args.reference_split), keep_features=True, **common)
+        metrics.update(feature_accuracy(ref, test, manifest.num_classes))
+    trained_on = cfg.data.shards
+    report = {"model": desc, "trained_on": trained_on, "evaluated_on": f"{data} [{args.split}]",
+              "generalisation": data != trained_on, "metrics": metrics}
+    out = Path(args.out) if args.out else Path(cfg.run.storage_path) / cfg.run.name / f"eval-{args.split}"
+    from pipeline.report import write_report
+
+    path = write_report(out, report, encoder, decoder, test, cfg)
+    _log_eval_to_mlflow(cfg, args, report, out)
+    print(json.dumps(report, indent=2))
+    print(f"[cscctrl] report: {path}")
+    return 0
+
+
+def _log_eval_to_mlflow(cfg: ExperimentConfig, args: argparse.Namespace, report: dict[str, Any], out: Path) -> None:
+    """Attach the evaluation to the training run's MLflow run (metrics eval/<split>/..., report files)."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import find_run, get_or_create_experiment
+
+    uri = args.tracking_uri or cfg.tracking.uri
+    if not uri:
+        return
+    try:
+        client = MlflowClient(uri)
+        exp = get_or_create_experiment(client, cfg.tracking.experiment, None)
+        run_id = find_run(client, exp, cfg.run.name)
+        if run_id is None:
+            return
+        dataset = Path(args.data).name if args.data else "trained-data"
+        prefix = f"eval/{dataset}/{args.split}"
+        for k, v in report["metrics"].items():
+            client.log_metric(run_id, f"{prefix}/{k}", float(v))
+        client.log_artifacts(run_id, str(out), artifact_path=prefix)
+    except Exception as e:  # the report on disk is the primary output
+        log.warning("could not log the evaluation to MLflow at %s: %s", uri, e)
