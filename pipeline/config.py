@@ -184,6 +184,9 @@ class TrackingConfig:
     log_model: bool = True
     """Log the final encoder/decoder with mlflow.pytorch.log_model."""
 
+    parent_run_id: str = ""
+    """MLflow run id of a parent run (a sweep or a workflow); the training run is nested under it."""
+
 
 @dataclass
 class ScalingConfig:

@@ -41,7 +41,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
     if rank == 0:
         from pipeline.tracking import MLflowTracker
 
-        tracker = MLflowTracker(cfg, cfg.run.name, run_dir=run_dir(cfg))
+        tracker = MLflowTracker(cfg, cfg.run.name, run_dir=run_dir(cfg),
+                                parent_run_id=cfg.tracking.parent_run_id or None)
         if state:
             print(f"[cscctrl] resuming {cfg.run.name} from step {start_step}"
                   f"{' (same MLflow run)' if tracker.resumed else ''}", flush=True)
@@ -58,6 +59,9 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
         from pipeline.evaluate import evaluate_at_end
 
         metrics.update(evaluate_at_end(cfg, trainer, tracker))
+    # A last report on every rank (Ray keeps rank 0's): the end-of-training evaluation, for Tune.
+    ray.train.report(metrics)
+    if tracker:
         if cfg.tracking.log_model:
             version = tracker.log_model(trainer.raw_encoder, trainer.raw_decoder)
             if version:

@@ -1,0 +1,143 @@
+"""The CTRL loop in-process: schedules, the sign convention, metrics, non-finite handling, and resume
+through Ray Train's local mode (scaling.num_workers=0) with a real sqlite MLflow store."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.trainer import CTRLTrainer, NonFiniteObjectiveError, lr_factor, player_loss
+
+TINY = ["model.preset=csc_ctrl_debug", "train.batch_size_per_worker=8", "train.precision=fp32",
+        "data.synthetic=true", "scaling.num_workers=0", "train.image_every=0", "tracking.log_model=false"]
+
+
+class Recorder:
+    def __init__(self):
+        self.logged, self.checkpoints = [], []
+
+    def metrics(self, step, metrics):
+        self.logged.append((step, metrics))
+
+    def images(self, step, trainer, x):
+        pass
+
+    def checkpoint(self, step, state, metrics):
+        self.checkpoints.append(step)
+
+
+def test_lr_schedule_is_linear_to_zero_with_warmup():
+    assert lr_factor(0, 100, 0, "linear") == 1.0
+    assert lr_factor(50, 100, 0, "linear") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0, "linear") == 0.0
+    assert [lr_factor(s, 100, 4, "linear") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(99, 100, 0, "constant") == 1.0
+
+
+def test_sign_is_flipped_once():
+    class T:
+        objective = torch.tensor(2.0)
+        consistency = torch.tensor(0.5)
+
+    assert player_loss(T, "encoder", 0.0).item() == -2.0
+    assert player_loss(T, "decoder", 0.0).item() == 2.0
+    # both players minimise the consistency term
+    assert player_loss(T, "encoder", 1.0).item() == -1.5
+    assert player_loss(T, "decoder", 1.0).item() == 2.5
+
+
+def _batches(n_good: int, b: int = 8, bad_from: int | None = None):
+    g = torch.Generator().manual_seed(0)
+    i = 0
+    while True:
+        x = torch.rand(b, 3, 32, 32, generator=g) * 2 - 1
+        if bad_from is not None and i >= bad_from:
+            x[0, 0, 0, 0] = float("nan")
+        i += 1
+        yield x, torch.zeros(b, dtype=torch.long)
+
+
+def test_players_move_only_their_own_parameters():
+    cfg = load_config(None, TINY + ["train.steps=1"])
+    tr = CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=_batches(1), reporter=Recorder())
+    x, y = next(_batches(1))
+    enc0 = [p.detach().clone() for p in tr.encoder_params]
+    dec0 = [p.detach().clone() for p in tr.decoder_params]
+    tr.encoder_step(x, y)
+    assert any(not torch.equal(a, p) for a, p in zip(enc0, tr.encoder_params))
+    assert all(torch.equal(a, p) for a, p in zip(dec0, tr.decoder_params))
+    enc1 = [p.detach().clone() for p in tr.encoder_params]
+    tr.decoder_step(x, y)
+    assert all(torch.equal(a, p) for a, p in zip(enc1, tr.encoder_params))
+    assert any(not torch.equal(a, p) for a, p in zip(dec0, tr.decoder_params))
+
+
+def test_encoder_step_ascends_and_decoder_step_descends_the_objective():
+    """With a small learning rate, one encoder step raises T on the same batch; one decoder step lowers it."""
+    cfg = load_config(None, TINY + ["train.steps=1", "optim.encoder.lr=1e-4", "optim.decoder.lr=1e-4"])
+    tr = CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=_batches(1), reporter=Recorder())
+    tr.raw_encoder.eval(), tr.raw_decoder.eval()  # fixed BN statistics: T depends only on the weights
+    x, y = next(_batches(1))
+
+    def value():
+        with torch.no_grad():
+            z = tr.encoder(x)
+            return tr.objective(z, tr.encoder(tr.decoder(z)), y).objective.item()
+
+    t0 = value()
+    tr.encoder_step(x, y)
+    t1 = value()
+    tr.decoder_step(x, y)
+    t2 = value()
+    assert t1 > t0 and t2 < t1
+
+
+def test_metrics_and_nonfinite_stop_before_the_next_checkpoint():
+    cfg = load_config(None, TINY + ["train.steps=8", "train.log_every=4", "train.checkpoint_every=2"])
+    rec = Recorder()
+    tr = CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=_batches(8, bad_from=2), reporter=rec)
+    with pytest.raises(NonFiniteObjectiveError) as e:
+        tr.fit()
+    assert rec.checkpoints == [2]          # step 2 was good; nothing after the NaN was saved
+    assert "step 3" in str(e.value) and "delta_r" in str(e.value)
+
+
+def test_metrics_are_named_and_finite():
+    cfg = load_config(None, TINY + ["train.steps=2", "train.log_every=2"])
+    rec = Recorder()
+    CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=_batches(2), reporter=rec).fit()
+    step, m = rec.logged[-1]
+    assert step == 2
+    for key in ("encoder/delta_r_z_zhat", "decoder/objective", "train/recon_mse", "train/recon_psnr",
+                "sparsity/stage1", "perf/images_per_s", "perf/data_wait_fraction", "optim/encoder_lr"):
+        assert key in m and math.isfinite(m[key]), key
+    assert 0.0 <= m["sparsity/stage1"] <= 1.0
+
+
+def test_in_process_run_tracks_to_mlflow_and_resumes_the_same_run(tmp_path):
+    from pipeline.launch import prepare, run_training
+
+    base = TINY + [f"run.storage_path={tmp_path}", "run.name=resume-me", "train.log_every=2",
+                   "train.checkpoint_every=2"]
+    cfg = prepare(load_config(None, base + ["train.steps=4"]))
+    assert run_training(cfg) is not None
+    assert sorted(p.name for p in (tmp_path / "resume-me").glob("checkpoint_step*")) == \
+        ["checkpoint_step000000002", "checkpoint_step000000004"]
+
+    cfg = prepare(load_config(None, base + ["train.steps=6"]))
+    assert run_training(cfg) is not None
+
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("cscctrl")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "a resumed run continues its MLflow run"
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/step"))
+    assert steps == [2, 4, 6]
+    params = runs[0].data.params
+    assert params["model.preset"] == "csc_ctrl_debug"
+    assert "config.yaml" in [a.path for a in client.list_artifacts(runs[0].info.run_id)]
+    # keep-N: the two newest checkpoints remain
+    assert sorted(p.name for p in (tmp_path / "resume-me").glob("checkpoint_step*"))[-1] == "checkpoint_step000000006"
