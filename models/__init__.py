@@ -1,1 +1,35 @@
-"""Pure-torch CSC-CTRL math: CSC layers, encoder/decoder, rate reduction, the CTRL objective. No Ray, MLflow, WebDataset or file I/O."""
+"""Pure-torch CSC-CTRL math: CSC layers, encoder/decoder, rate reduction, the CTRL objective. No Ray, MLflow, WebDataset or file I/O.
+
+Builders (the only place a ModelConfig becomes modules):
+    build_encoder(cfg) -> CSCEncoder            f
+    build_decoder(cfg, encoder) -> CSCDecoder   g (the encoder is needed when cfg.decoder_dictionaries == "tied")
+    build_models(cfg) -> (encoder, decoder)
+    create_model(name) -> (encoder, decoder)    from a named preset (models/presets.py)
+"""
+from __future__ import annotations
+
+from models.config import ModelConfig
+from models.decoder import CSCDecoder
+from models.encoder import CSCEncoder
+
+
+def build_encoder(cfg: ModelConfig) -> CSCEncoder:
+    """The encoder f of ``cfg``."""
+    return CSCEncoder(cfg)
+
+
+def build_decoder(cfg: ModelConfig, encoder: CSCEncoder | None = None) -> CSCDecoder:
+    """The decoder g of ``cfg``; a tied decoder synthesises with ``encoder``'s dictionaries."""
+    return CSCDecoder(cfg, encoder)
+
+
+def build_models(cfg: ModelConfig) -> tuple[CSCEncoder, CSCDecoder]:
+    """(encoder, decoder) of ``cfg``, tied through the encoder's dictionaries when the config says so."""
+    encoder = build_encoder(cfg)
+    return encoder, build_decoder(cfg, encoder)
+
+
+from models.presets import create_model, list_presets, preset_config  # noqa: E402  (presets use the builders)
+
+__all__ = ["ModelConfig", "CSCEncoder", "CSCDecoder", "build_encoder", "build_decoder", "build_models",
+           "create_model", "list_presets", "preset_config"]

@@ -1,0 +1,95 @@
+"""The encoder f of CSC-CTRL: a stack of convolutional sparse coding stages (REFERENCE.md §3).
+
+    x (b, C, S, S) ── CSC(k4 s2 p1) → LeakyReLU(0.2)                          stage 1: C → ndf,   S → S/2
+                   ── CSC(k4 s2 p1) → BatchNorm → LeakyReLU(0.2)              stage i: ndf·2^(i−2) → ndf·2^(i−1)
+                   ── …                                                       (while the side is even and > 6)
+                   ── CSC(k = final side, s1 p0)                               last: → nz channels at 1×1
+                   ── flatten, z = f(x) / ‖f(x)‖₂                              z (b, nz) on the unit sphere
+
+The stage sizes come from ``ModelConfig.resolutions`` (32 → [32, 16, 8, 4]); λ per stage from
+``ModelConfig.stage_lams()``. Each CSC stage is a ``models.csc.CSCLayer`` (unrolled FISTA/ISTA).
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.csc import CSCLayer
+
+LEAKY_SLOPE = 0.2
+"""Negative slope of the encoder's LeakyReLU (DCGAN discriminator pattern of the authors' prototype)."""
+
+
+def make_csc_layer(cfg: ModelConfig, in_channels: int, num_atoms: int, kernel_size: int, stride: int,
+                   padding: int, lam: float) -> CSCLayer:
+    """A CSCLayer with the solver settings of ``cfg`` (the one place they are read)."""
+    return CSCLayer(in_channels, num_atoms, kernel_size, stride, padding, n_steps=cfg.n_steps, lam=lam,
+                    mu=cfg.mu, nonneg=cfg.nonneg, solver=cfg.solver, power_iters=cfg.power_iters,
+                    power_iters_warm=cfg.power_iters_warm)
+
+
+def encoder_widths(cfg: ModelConfig, base: int) -> list[int]:
+    """Channels after each halving stage: base, 2·base, 4·base, … (one per resolution halving)."""
+    return [base * 2 ** i for i in range(len(cfg.resolutions) - 1)]
+
+
+class EncoderStage(nn.Module):
+    """CSC → (BatchNorm) → LeakyReLU(0.2); returns the activation and the sparse code."""
+
+    def __init__(self, csc: CSCLayer, batch_norm: bool) -> None:
+        super().__init__()
+        self.csc = csc
+        self.norm: nn.Module = nn.BatchNorm2d(csc.num_atoms) if batch_norm else nn.Identity()
+        self.act = nn.LeakyReLU(LEAKY_SLOPE)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        code = self.csc(x)
+        return self.act(self.norm(code)), code
+
+
+class CSCEncoder(nn.Module):
+    """f: images (b, C, S, S) in [−1, 1] → features z (b, nz) with ‖zᵢ‖₂ = 1."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        resolutions, lams = cfg.resolutions, cfg.stage_lams()
+        stages = []
+        channels = cfg.in_channels
+        for i, width in enumerate(encoder_widths(cfg, cfg.ndf)):
+            csc = make_csc_layer(cfg, channels, width, kernel_size=4, stride=2, padding=1, lam=lams[i])
+            # Stage 1 has no BatchNorm. With non-negative codes its LeakyReLU is the identity (codes ≥ 0);
+            # it matters when cfg.nonneg is False.
+            stages.append(EncoderStage(csc, batch_norm=i > 0))
+            channels = width
+        self.stages = nn.ModuleList(stages)
+        # Valid kernel of the remaining side: (final, final) → 1×1 with nz atoms.
+        self.final = make_csc_layer(cfg, channels, cfg.nz, kernel_size=resolutions[-1], stride=1, padding=0,
+                                    lam=lams[-1])
+
+    def csc_layers(self) -> list[CSCLayer]:
+        """The CSC layers in input-to-output order (the halving stages, then the final 1×1 stage)."""
+        return [stage.csc for stage in self.stages] + [self.final]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """z = f(x) / ‖f(x)‖₂: x (b, C, S, S) → z (b, nz)."""
+        return self.forward_with_codes(x)[0]
+
+    def forward_with_codes(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """z (b, nz) and the sparse code of every CSC stage (before BatchNorm/activation), input to output:
+        [(b, ndf, S/2, S/2), …, (b, nz, 1, 1)], for sparsity metrics and pictures."""
+        self._check_input(x)
+        codes = []
+        h = x
+        for stage in self.stages:
+            h, code = stage(h)
+            codes.append(code)
+        code = self.final(h)
+        codes.append(code)
+        return F.normalize(code.flatten(1), dim=1), codes
+
+    def _check_input(self, x: Tensor) -> None:
+        c, s = self.cfg.in_channels, self.cfg.image_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
+            raise ValueError(f"encoder expects (b, {c}, {s}, {s}) images, got {tuple(x.shape)}")
