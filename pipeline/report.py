@@ -1,0 +1,100 @@
+"""A self-contained evaluation report: ``report.html`` + PNGs + ``metrics.json`` in one folder.
+
+Pictures (REFERENCE.md §7): real-vs-reconstruction grid; the dictionary atoms of every encoder stage
+(stage 1 in pixel space; deeper stages by decoding one-hot codes through the decoder); per-stage code
+activation maps for a few images; per-stage histograms of atom usage (sparsity); ΔR / PSNR curves over
+training from the MLflow history when it is available. Opens offline: no scripts, images side by side.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ATOMS_SHOWN = 64  # atoms per stage in the tiles
+ACTIVATION_IMAGES = 4  # images whose per-stage code maps are shown
+
+
+@torch.no_grad()
+def decoded_atoms(encoder: nn.Module, decoder: nn.Module, stage: int, count: int = ATOMS_SHOWN) -> Tensor:
+    """Images of the atoms of encoder stage ``stage`` (1-based, ≥ 2): a one-hot code at the centre of
+    that stage's code map, pushed through the decoder stages that mirror the encoder below it, minus the
+    decoder's response to the zero code (so the tile shows the atom's own contribution).
+
+    The decoder's stage j input holds the code of encoder stage L − j + 1 (L = halving stages): see
+    models/decoder.py for the mirror order."""
+    decoder.eval()
+    widths = [layer.weight.shape[0] for layer in encoder.csc_layers()]  # atoms per encoder stage
+    halving = len(widths) - 1
+    j = halving - (stage - 1)
+    if not 1 <= stage <= halving or j < 1:
+        raise ValueError(f"stage must be in [1, {halving}] for decoded atoms, got {stage}")
+    m = min(count, widths[stage - 1])
+    side = decoder.stages[j - 1].out_size
+    device = next(decoder.parameters()).device
+    h = torch.zeros(m + 1, widths[stage - 1], side, side, device=device)
+    h[torch.arange(m), torch.arange(m), side // 2, side // 2] = 1.0  # last row stays the zero code
+    for st in decoder.stages[j:]:
+        h = st(h)
+    return (h[:m] - h[m:]).float().cpu()
+
+
+def write_report(out: Path, report: dict[str, Any], encoder: nn.Module, decoder: nn.Module, result: Any,
+                 cfg: Any, history: dict[str, list[tuple[int, float]]] | None = None) -> Path:
+    """Write the report folder; returns the path of report.html."""
+    from pipeline.evaluate import first_csc_weight
+    from pipeline.images import (atom_tiles, code_activation_maps, curves_plot, recon_grid, save_png,
+                                 sparsity_histogram)
+
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, str]] = []
+
+    def add(img: Any, name: str, caption: str) -> None:
+        save_png(img, out / name)
+        figures.append((name, caption))
+
+    if result.example is not None:
+        add(recon_grid(*result.example), "recon.png", "Real images (odd rows) and reconstructions g(f(x)) (even rows)")
+    add(atom_tiles(first_csc_weight(encoder).detach().float().cpu()[:ATOMS_SHOWN]), "atoms_stage1.png",
+        "Stage-1 dictionary atoms in pixel space")
+    halving = len(encoder.csc_layers()) - 1
+    for stage in range(2, halving + 1):
+        add(atom_tiles(decoded_atoms(encoder, decoder, stage)), f"atoms_stage{stage}.png",
+            f"Stage-{stage} atoms, decoded from one-hot codes through the decoder")
+    if result.example is not None:
+        x = result.example[0][:ACTIVATION_IMAGES].to(next(encoder.parameters()).device)
+        with torch.no_grad():
+            _, codes = encoder.forward_with_codes(x)
+        add(code_activation_maps([c.float().cpu() for c in codes[:-1]], x.cpu()), "code_maps.png",
+            "Per-stage code activity (mean |code| over atoms) for a few images")
+    if result.sparsity_per_atom:
+        add(sparsity_histogram({f"stage {i + 1}": u.numpy() for i, u in enumerate(result.sparsity_per_atom)}),
+            "sparsity_hist.png", "Fraction of non-zero code entries per atom, per stage")
+    if history:
+        add(curves_plot(history), "curves.png", "Training curves from the MLflow history")
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    path = out / "report.html"
+    path.write_text(_html(report, figures, cfg))
+    return path
+
+
+def _html(report: dict[str, Any], figures: list[tuple[str, str]], cfg: Any) -> str:
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>" if isinstance(v, float)
+                   else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in report["metrics"].items())
+    figs = "".join(f'<figure><img src="{name}" alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}'
+                   f"</figcaption></figure>" for name, cap in figures)
+    meta = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(report[k]))}</li>"
+                   for k in ("model", "trained_on", "evaluated_on", "generalisation"))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>CSC-CTRL evaluation: {html.escape(cfg.run.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td{{border:1px solid #ccc;padding:2px 8px}}figure{{display:inline-block;margin:8px;vertical-align:top}}
+img{{max-width:520px;image-rendering:pixelated}}</style></head>
+<body><h1>CSC-CTRL evaluation: {html.escape(cfg.run.name)}</h1><ul>{meta}</ul>
+<h2>Metrics</h2><table>{rows}</table><h2>Pictures</h2>{figs}</body></html>
+"""
