@@ -190,6 +190,6 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
     remaining = (total - step) * m.get("perf/step_ms", 0.0) / 1000.0
     eta = time.strftime("%H:%M:%S", time.gmtime(remaining)) if remaining < 86400 else f"{remaining / 3600:.0f}h"
     terms = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in m.items()
-                     if k.startswith("decoder/") and k != "decoder/consistency")
+                     if k.startswith("decoder/delta_r") or k == "decoder/objective")
     return (f"[cscctrl] step {step}/{total} | {ips:,.0f} img/s | {terms} | psnr={m.get('train/recon_psnr', 0):.2f} dB"
             f" | data wait {100 * m.get('perf/data_wait_fraction', 0):.0f}% | eta {eta}")

@@ -79,7 +79,7 @@ def test_encoder_step_ascends_and_decoder_step_descends_the_objective():
     """With a small learning rate, one encoder step raises T on the same batch; one decoder step lowers it."""
     cfg = load_config(None, TINY + ["train.steps=1", "optim.encoder.lr=1e-4", "optim.decoder.lr=1e-4"])
     tr = CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=_batches(1), reporter=Recorder())
-    tr.raw_encoder.eval(), tr.raw_decoder.eval()  # fixed BN statistics: T depends only on the weights
+    # (train-mode BatchNorm uses the batch's moments, so T is a function of the weights for a fixed batch)
     x, y = next(_batches(1))
 
     def value():
