@@ -1,0 +1,194 @@
+"""The manifest: the single source of truth about a shard set (parquet tables + a JSON summary).
+
+Layout under DEST::
+
+    {split}-000000.tar ...            the shards
+    manifest.json                     summary: source, options, per-split counts, classes, rejects
+    manifest/{split}-samples.parquet  one row per sample: key, shard, label, label_name, source,
+                                      ext, bytes, sha256, width, height, converted
+    manifest/{split}-shards.parquet   one row per shard: name, samples, bytes, sha256, first_key, last_key
+    manifest/classes.parquet          label, name (wnid / folder / photo), description
+    manifest/rejected.parquet         split, key, source, reason, stage ('list' | 'decode')
+    _parts/                           per-shard records of a run in progress (kept for re-finalising)
+
+``manifest.json`` is written last, so its presence means the shard set is complete. Readers take
+sample counts from the manifest and never count shards themselves.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sharding.sources import ClassInfo
+from sharding.storage import Destination
+
+MANIFEST_FORMAT = "cscctrl-shards/1"
+SUMMARY_NAME = "manifest.json"
+
+SAMPLE_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("label", pa.int64()), ("label_name", pa.string()),
+    ("source", pa.string()), ("ext", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("converted", pa.bool_()),
+])
+SHARD_SCHEMA = pa.schema([
+    ("name", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
+    ("first_key", pa.string()), ("last_key", pa.string()),
+])
+CLASS_SCHEMA = pa.schema([("label", pa.int64()), ("name", pa.string()), ("description", pa.string())])
+REJECT_SCHEMA = pa.schema([("split", pa.string()), ("key", pa.string()), ("source", pa.string()),
+                           ("reason", pa.string()), ("stage", pa.string())])
+
+
+class ManifestError(ValueError):
+    """No manifest at the URL, or one this version cannot read."""
+
+
+def samples_name(split: str) -> str:
+    return f"manifest/{split}-samples.parquet"
+
+
+def shards_name(split: str) -> str:
+    return f"manifest/{split}-shards.parquet"
+
+
+def table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    """Parquet bytes of `rows` (zstd-compressed; statistics on)."""
+    table = pa.Table.from_pylist(rows, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def reason_category(reason: str) -> str:
+    """'corrupt or truncated image: image file is truncated ...' -> 'corrupt or truncated image'."""
+    return reason.split(":", 1)[0].strip()
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    url: str
+    samples: int
+    bytes: int
+    sha256: str
+    first_key: str
+    last_key: str
+
+
+@dataclass
+class Manifest:
+    """What `read_manifest(url)` returns: shard URLs and counts per split, classes, summary."""
+
+    url: str
+    summary: dict
+    classes: list[ClassInfo]
+    shards: dict[str, list[ShardInfo]]
+    storage_options: dict = field(default_factory=dict)
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names in the source's order (train, val, unseen, ...)."""
+        return list(self.shards)
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the class index (all splits)."""
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def num_classes_in(self, split: str) -> int:
+        """max label + 1 over the split's samples: the k to train a multiclass model on `split`."""
+        return int(self._split(split)["num_classes"])
+
+    def shard_infos(self, split: str) -> list[ShardInfo]:
+        self._split(split)
+        return list(self.shards[split])
+
+    def shard_urls(self, split: str) -> list[str]:
+        return [s.url for s in self.shard_infos(split)]
+
+    def num_samples(self, split: str) -> int:
+        return int(self._split(split)["samples"])
+
+    def num_shards(self, split: str) -> int:
+        self._split(split)
+        return len(self.shards[split])
+
+    @property
+    def num_rejected(self) -> int:
+        return int(self.summary["rejected"]["total"])
+
+    def _split(self, split: str) -> dict:
+        if split not in self.summary["splits"]:
+            raise KeyError(f"split {split!r} not in the manifest at {self.url}; it has {self.splits}")
+        return self.summary["splits"][split]
+
+    def _destination(self) -> Destination:
+        return Destination(self.url, self.storage_options)
+
+    def samples(self, split: str) -> pa.Table:
+        """The per-sample table of `split` (read on demand)."""
+        self._split(split)
+        with self._destination().open(samples_name(split)) as f:
+            return pq.read_table(f)
+
+    def rejected(self) -> pa.Table:
+        with self._destination().open("manifest/rejected.parquet") as f:
+            return pq.read_table(f)
+
+
+def write_manifest(dest: Destination, *, options: dict, fingerprint: str, classes: list[ClassInfo],
+                   shard_rows: dict[str, list[dict]], sample_rows: dict[str, list[dict]],
+                   rejected_rows: list[dict]) -> dict:
+    """Write the parquet tables, then ``manifest.json`` (last: it marks completion). Returns the summary."""
+    for split in shard_rows:
+        dest.write_bytes_atomic(samples_name(split), table_bytes(sample_rows[split], SAMPLE_SCHEMA))
+        dest.write_bytes_atomic(shards_name(split), table_bytes(shard_rows[split], SHARD_SCHEMA))
+    dest.write_bytes_atomic("manifest/classes.parquet", table_bytes(
+        [{"label": c.label, "name": c.name, "description": c.description} for c in classes], CLASS_SCHEMA))
+    dest.write_bytes_atomic("manifest/rejected.parquet", table_bytes(rejected_rows, REJECT_SCHEMA))
+    splits = {}
+    for split, rows in shard_rows.items():
+        labels = [r["label"] for r in sample_rows[split]]
+        splits[split] = {"samples": sum(r["samples"] for r in rows), "shards": len(rows),
+                         "bytes": sum(r["bytes"] for r in rows),
+                         "num_classes": (max(labels) + 1) if labels else 0,
+                         "classes_present": len(set(labels))}
+    summary = {
+        "format": MANIFEST_FORMAT, "fingerprint": fingerprint, "options": options, "splits": splits,
+        "split_order": list(shard_rows),
+        "num_classes": len(classes),
+        "rejected": {"total": len(rejected_rows),
+                     "by_reason": dict(sorted(Counter(reason_category(r["reason"]) for r in rejected_rows).items()))},
+    }
+    dest.write_bytes_atomic(SUMMARY_NAME, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
+    return summary
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+    """Read ``url/manifest.json`` and the per-split shard tables (not the per-sample tables)."""
+    dest = Destination(url, storage_options or {})
+    try:
+        summary = json.loads(dest.read_bytes(SUMMARY_NAME))
+    except FileNotFoundError as exc:
+        raise ManifestError(f"no {SUMMARY_NAME} at {url!r}: not a shard set, or `cscctrl shard` has not "
+                            "finished writing it") from exc
+    if summary.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{url}/{SUMMARY_NAME}: format {summary.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    with dest.open("manifest/classes.parquet") as f:
+        classes = [ClassInfo(int(r["label"]), r["name"], r["description"]) for r in pq.read_table(f).to_pylist()]
+    shards = {}
+    for split in summary["split_order"]:
+        with dest.open(shards_name(split)) as f:
+            rows = pq.read_table(f).to_pylist()
+        shards[split] = [ShardInfo(r["name"], dest.url_of(r["name"]), int(r["samples"]), int(r["bytes"]),
+                                   r["sha256"], r["first_key"], r["last_key"]) for r in rows]
+    return Manifest(dest.url, summary, classes, shards, storage_options or {})

@@ -1,0 +1,76 @@
+"""Image transforms of the reader: CTRL's ImageNet preprocessing (REFERENCE.md §3), nothing else.
+
+    img = decode(bytes) -> RGB            grey replicated to 3 channels; JPEGs decoded at a reduced
+                                          DCT scale when much larger than needed (Pillow's draft)
+    img = centre_crop(img)                square of side s = min(w, h), offset round((w − s)/2), round((h − s)/2)
+    img = resize(img, image_size)         bicubic, antialiased (one Pillow call with the crop box)
+    x   = img / 127.5 − 1                 [0, 255] -> [−1, 1], shape (3, H, W), float32
+    x   = flip(x) with probability ½      (training, optional)
+    x   = x + u / 128,  u ~ U[0, 1)       (training, optional dequantisation noise; x may reach 1 + 1/128)
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sharding.images import DEFAULT_MAX_PIXELS
+
+DEQUANTIZE_SCALE = 1.0 / 128.0  # noise U[0, 1)/128: one quantisation step of [−1, 1] is 2/255 ≈ 1/128
+
+
+def decode_rgb(data: bytes, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to an RGB Pillow image (grey -> 3 equal channels).
+
+    min_size: lets JPEG decoding skip resolution it does not need (both sides stay >= min_size).
+    Raises ValueError for images over `max_pixels` (a tampered shard must not exhaust memory).
+    """
+    img = Image.open(io.BytesIO(data))
+    if img.width * img.height > max_pixels:
+        raise ValueError(f"image of {img.width}x{img.height} pixels exceeds max_pixels {max_pixels}")
+    if min_size is not None and img.format == "JPEG":
+        img.draft("RGB", (min_size, min_size))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """Centre square crop of side min(w, h), resized to size × size (bicubic, antialiased)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + s, top + s))
+
+
+def to_signed_unit(img: Image.Image) -> torch.Tensor:
+    """x = pixel / 127.5 − 1: uint8 (H, W, 3) -> float32 (3, H, W) in [−1, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got array shape {arr.shape}")
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
+    return x.div_(127.5).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """bytes -> (3, image_size, image_size) float32 tensor, per the module docstring."""
+
+    image_size: int
+    flip: bool = False
+    dequantize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1 pixel, got {self.image_size}")
+
+    def __call__(self, data: bytes, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = to_signed_unit(center_crop_resize(decode_rgb(data, self.image_size), self.image_size))
+        if self.flip and torch.rand((), generator=generator).item() < 0.5:
+            x = x.flip(-1)
+        if self.dequantize:
+            x.add_(torch.rand(x.shape, generator=generator), alpha=DEQUANTIZE_SCALE)
+        return x
