@@ -16,9 +16,15 @@ would fight; the explicit bucket below is one all-reduce per optimizer step.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+# torch marks torch.distributed.nn.functional as deprecated, but its suggested replacement
+# (_functional_collectives) has no autograd for all_reduce in the torch versions we support.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
 
 
 def is_distributed() -> bool:

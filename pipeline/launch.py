@@ -95,11 +95,11 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def check_shards(url: str, split: str, image_size: int) -> Any:
     """The manifest must exist and list the training split; returns it."""
-    from sharding.manifest import read_manifest
+    from sharding.manifest import ManifestError, read_manifest
 
     try:
         manifest = read_manifest(url)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ManifestError) as e:
         raise FileNotFoundError(f"data.shards={url!r}: no shard manifest there ({e}). Write shards first: "
                                 f"cscctrl shard SOURCE {url}") from e
     if split not in manifest.splits:

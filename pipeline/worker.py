@@ -130,12 +130,19 @@ def make_batches(cfg: ExperimentConfig, *, rank: int, world_size: int, start_ste
 
     loader = make_train_loader(
         cfg.data.shards, split=cfg.data.train_split, image_size=cfg.model.image_size,
-        batch_size=cfg.train.batch_size_per_worker, num_workers=cfg.data.loader_workers,
-        # the data position: a resampled stream re-seeded from (seed, step) continues without replaying
-        seed=cfg.run.seed, epoch=start_step, rank=rank, world_size=world_size,
+        batch_size=cfg.train.batch_size_per_worker, steps_per_epoch=max(1, cfg.train.steps - start_step),
+        num_workers=cfg.data.loader_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
         flip=cfg.data.flip, dequantize=cfg.data.dequantize, shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=device.type == "cuda")
-    return iter(loader)
+    # The data position: the resampled stream's epoch is the step it starts at, so a resumed run draws
+    # a fresh, deterministic order (seeded by (seed, rank, step)) instead of replaying the first batches.
+    loader.set_epoch(start_step)
+    return _forever(loader)
+
+
+def _forever(loader: Any) -> Iterator[tuple[Tensor, Tensor]]:
+    while True:
+        yield from loader
 
 
 class RunReporter:
