@@ -1,0 +1,177 @@
+"""The two callbacks of a sweep: Ray Train -> Tune reports, and the live trial table in the terminal.
+
+``SweepReportCallback`` runs in each trial's Ray Train controller and forwards rank 0's reports to Tune
+(as Ray's ``TuneReportCallback``), making sure every report carries the keys Tune ranks on: Tune
+rejects a result without its metric, and the held-out metric exists only in the last report. A key a
+report lacks gets the value it had in the previous report, or NaN before it was ever measured; NaN is
+never a best value and ASHA ignores it.
+
+``TrialTable`` is a Tune callback that prints one compact table of all trials (status, the swept
+values, step, metric, non-zero fraction of the codes) whenever a trial changes status, and at most every
+``refresh_s`` seconds while results arrive. It is pickled with the experiment state (resume), so it holds
+only plain data and looks up ``sys.stdout`` when it prints.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from tuning.spaces import Dimension, overrides_from_trial
+
+REFRESH_S = 30.0  # seconds between tables while only results (no status changes) arrive
+LAST_CHECKPOINT_KEY = "sweep/last_checkpoint"  # path of the newest checkpoint of the trial's run
+
+
+class SweepReportCallback(TuneReportCallback):
+    """Forward Train reports to Tune with every key in ``carry`` present (previous value, else NaN)."""
+
+    def __init__(self, carry: Sequence[str]) -> None:
+        super().__init__()
+        self.carry = tuple(carry)
+        self.previous: dict[str, float] = {}
+        self.last_checkpoint = ""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        first = complete_report(metrics[0] if metrics else {}, self.carry, self.previous)
+        self.previous = {k: first[k] for k in self.carry}
+        if checkpoint is not None:
+            self.last_checkpoint = checkpoint.path
+        if self.last_checkpoint:  # the final (evaluation) report has no checkpoint of its own
+            first[LAST_CHECKPOINT_KEY] = self.last_checkpoint
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+def complete_report(report: dict[str, Any], carry: Sequence[str], previous: dict[str, float]) -> dict[str, Any]:
+    """A copy of ``report`` in which each key of ``carry`` is present: its own value, else the previous
+    report's, else NaN."""
+    out = dict(report)
+    for key in carry:
+        if key not in out:
+            out[key] = previous.get(key, math.nan)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The live table
+# ----------------------------------------------------------------------------------------------
+
+
+def short_label(key: str) -> str:
+    """Column label of a swept key: λ and n as in the paper, else the key without its section."""
+    if key == "model.lam":
+        return "λ"
+    if key.startswith("model.lam_per_stage"):
+        return "λ" + key[len("model.lam_per_stage"):]
+    if key == "model.n_steps":
+        return "n"
+    return key.split(".", 1)[1]
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, (tuple, list)):
+        return "(" + ",".join(format_value(x) for x in v) + ")"
+    return str(v)
+
+
+def nonzero_fraction(result: dict[str, Any]) -> float:
+    """Mean over CSC stages of the fraction of non-zero codes: held-out if measured, else training."""
+    for prefix in ("eval/sparsity/stage", "sparsity/stage"):
+        values = [v for k, v in result.items() if k.startswith(prefix) and isinstance(v, (int, float))
+                  and not math.isnan(v)]
+        if values:
+            return sum(values) / len(values)
+    return math.nan
+
+
+def render_table(rows: list[list[str]], header: list[str]) -> str:
+    """Columns padded to their widest cell; the first left-aligned, the rest right-aligned."""
+    widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def trial_status(status: str, step: float, total_steps: int) -> str:
+    """Tune's status in the words of a sweep: a TERMINATED trial that stopped before the last step was
+    stopped early by the scheduler."""
+    if status == "TERMINATED":
+        return "stopped" if (not math.isnan(step) and step < total_steps) else "done"
+    return {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused", "ERROR": "error"}.get(status, status.lower())
+
+
+class TrialTable(Callback):
+    """Prints the sweep's trial table on status changes, and every ``refresh_s`` seconds on results."""
+
+    def __init__(self, dims: Sequence[Dimension], metric: str, total_steps: int, refresh_s: float = REFRESH_S) -> None:
+        self.dims = list(dims)
+        self.metric = metric
+        self.total_steps = total_steps
+        self.refresh_s = refresh_s
+        self._last_print = 0.0
+        self._statuses: dict[str, str] = {}
+
+    def table(self, trials: Sequence[Any]) -> str:
+        keys = [d.key for d in self.dims]
+        header = ["trial", "status", *(short_label(k) for k in keys), "step", self.metric, "nonzero"]
+        rows = []
+        for t in trials:
+            result = t.last_result or {}
+            step = float(result.get("train/step", math.nan))
+            config = {k: t.config.get(k) for k in keys if k in t.config}
+            try:
+                point = overrides_from_trial(config, self.dims)
+            except ValueError:
+                point = {}
+            values = [format_value(_element(point, k)) for k in keys]
+            rows.append([t.trial_id, trial_status(t.status, step, self.total_steps), *values,
+                         format_value(step if math.isnan(step) else int(step)),
+                         format_value(float(result.get(self.metric, math.nan))),
+                         format_value(nonzero_fraction(result))])
+        return render_table(rows, header)
+
+    def _print(self, trials: Sequence[Any]) -> None:
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        sys.stdout.write(f"\n[cscctrl] {time.strftime('%H:%M:%S')} trials: {summary}\n{self.table(trials)}\n")
+        sys.stdout.flush()
+        self._last_print = time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        statuses = {t.trial_id: t.status for t in trials}
+        changed = statuses != self._statuses
+        self._statuses = statuses
+        if changed or (time.monotonic() - self._last_print > self.refresh_s and
+                       any(t.status == "RUNNING" for t in trials)):
+            self._print(trials)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self._print(trials)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_last_print"] = 0.0
+        state["_statuses"] = {}
+        return state
+
+
+def _element(point: dict[str, Any], key: str) -> Any:
+    """The value of a swept key in a decoded point (``key[i]`` -> element i of the tuple)."""
+    if "[" in key:
+        path, index = key.split("[", 1)
+        value = point.get(path)
+        return value[int(index.rstrip("]"))] if value is not None else None
+    return point.get(key)

@@ -1,0 +1,308 @@
+"""The sweep file: what to search, how, ranked by which metric, on what resources.
+
+    cscctrl tune -c configs/sweeps/sparsity_unroll.yaml [key=value ...]
+
+A sweep file is YAML with these keys (all optional; defaults below):
+
+    name: ""                  # '' = derived from the content: the same sweep re-run resumes
+    config: ""                # experiment YAML the trials start from (as `cscctrl train -c`)
+    base: {train.steps: 500}  # dotted config overrides on top of it (as `cscctrl train key=value`)
+    space: sparsity_unroll    # a preset name, a list of them, or {dotted.key: spec} (tuning/spaces.py)
+    search: optuna            # optuna | random | grid
+    num_samples: 12           # optuna/random: points drawn; grid/random: repeats of the grid keys
+    metric: eval/psnr         # what ranks trials: held-out PSNR of the end-of-training evaluation
+    mode: max
+    scheduler: asha           # asha | none
+    asha: {metric: train/recon_psnr, mode: max, grace_period: 0, reduction_factor: 2}
+    max_concurrent_trials: 0  # 0 = as many as the cluster holds at once
+    max_failures: 1           # Tune-level retries of a trial whose driver fails
+    seed: 0                   # searcher seed
+    resources: {num_workers: 1, cpus_per_worker: 1.0, use_gpu: false, gpus_per_worker: 1.0, driver_cpus: 0.1}
+
+Command-line ``key=value`` items whose first part is a config section (model, optim, train, ...) go
+into ``base``; any other key sets a field of this file (``num_samples=4``, ``space=unroll``,
+``asha.grace_period=20``, ``resources.num_workers=2``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.config import (CONFIG_DIR, ConfigError, ExperimentConfig, _coerce, _hints, _unknown_key,
+                             parse_override)
+
+SWEEP_DIR = CONFIG_DIR / "sweeps"
+CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
+# What ASHA measures progress in: the training step every report carries (pipeline/trainer.py).
+TIME_ATTR = "train/step"
+
+
+@dataclass
+class AshaSpec:
+    metric: str = "train/recon_psnr"
+    """Metric ASHA compares trials on at its rungs; it must be in every report (the held-out metric
+    exists only at the end, so early stopping looks at the training reconstruction PSNR)."""
+
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = 0
+    """Steps every trial runs before it can be stopped; 0 = a quarter of train.steps."""
+
+    reduction_factor: float = 2.0
+    """1/reduction_factor of the trials reaching a rung continue to the next."""
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 0:
+            raise ConfigError(f"asha.grace_period={self.grace_period}: must be >= 0 (0 = train.steps / 4)")
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"asha.reduction_factor={self.reduction_factor}: must be > 1")
+
+
+@dataclass
+class ResourcesSpec:
+    """Per-trial resources: the trial's Ray Train worker group, and the Tune trial that drives it."""
+
+    num_workers: int = 1
+    """Ray Train workers per trial (scaling.num_workers of each trial)."""
+
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    """GPUs per worker when use_gpu (fractions let several small trials share one GPU)."""
+
+    driver_cpus: float = 0.1
+    """CPU reserved by Tune for the trial's driver function, which only launches and watches the worker
+    group; a fraction, so drivers never take the CPUs the workers need."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"resources.num_workers={self.num_workers}: a trial needs at least 1 Ray Train "
+                              f"worker (in-process runs, num_workers=0, cannot report to Tune)")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"resources.cpus_per_worker={self.cpus_per_worker}: must be > 0")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ConfigError(f"resources.gpus_per_worker={self.gpus_per_worker}: must be > 0 with use_gpu")
+        if self.driver_cpus <= 0:
+            raise ConfigError(f"resources.driver_cpus={self.driver_cpus}: must be > 0 (Ray places the driver "
+                              f"in a placement group, which cannot be empty); a small fraction such as 0.1")
+
+    def scaling_overrides(self) -> dict[str, Any]:
+        """The trial config's scaling.* keys."""
+        return {"scaling.num_workers": self.num_workers, "scaling.cpus_per_worker": self.cpus_per_worker,
+                "scaling.use_gpu": self.use_gpu, "scaling.gpus_per_worker": self.gpus_per_worker}
+
+
+@dataclass
+class SweepSpec:
+    name: str = ""
+    config: str = ""
+    base: dict[str, Any] = field(default_factory=dict)
+    space: Any = "sparsity_unroll"
+    search: Literal["optuna", "random", "grid"] = "optuna"
+    num_samples: int = 12
+    metric: str = "eval/psnr"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = "asha"
+    asha: AshaSpec = field(default_factory=AshaSpec)
+    max_concurrent_trials: int = 0
+    max_failures: int = 1
+    seed: int = 0
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples={self.num_samples}: must be >= 1")
+        if self.max_concurrent_trials < 0:
+            raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials}: must be >= 0 (0 = derived "
+                              f"from the cluster's resources)")
+        if self.max_failures < 0:
+            raise ConfigError(f"max_failures={self.max_failures}: must be >= 0")
+        if not isinstance(self.base, dict):
+            raise ConfigError(f"base must be a mapping of dotted config keys to values, got {self.base!r}")
+        for key in self.base:
+            if key.split(".", 1)[0] not in CONFIG_SECTIONS:
+                raise ConfigError(f"base key {key!r} is not a dotted config key (sections: "
+                                  f"{', '.join(CONFIG_SECTIONS)})")
+            if key.startswith("scaling."):
+                raise ConfigError(f"base key {key!r}: per-trial resources go under 'resources:' "
+                                  f"(num_workers, cpus_per_worker, use_gpu, gpus_per_worker, driver_cpus)")
+        if self.name and not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"name={self.name!r}: use letters, digits, '-', '_' and '.' only (it names a "
+                              f"directory and prefixes every trial's run name)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML file < command-line items
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_sweep_path(path: str | Path) -> Path:
+    """A sweep file path, or the bare name of one in configs/sweeps/ ('debug' -> configs/sweeps/debug.yaml)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (SWEEP_DIR / p, SWEEP_DIR / f"{p}.yaml"):
+        if candidate.exists():
+            return candidate
+    available = sorted(q.stem for q in SWEEP_DIR.glob("*.yaml"))
+    raise ConfigError(f"sweep file {str(path)!r} not found (bundled sweeps: {', '.join(available) or 'none'})")
+
+
+def _set_field(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree['asha']['grace_period'] = value for 'asha.grace_period', checking the name against SweepSpec."""
+    parts = key.split(".")
+    cls: Any = SweepSpec
+    node = tree
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown_key(".".join(parts[:i]), part, cls)
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(hints[part]):
+            raise ConfigError(f"sweep key '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = node.setdefault(part, {})
+        cls = hints[part]
+
+
+def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -> SweepSpec:
+    """defaults < sweep YAML file < command-line items -> a checked SweepSpec (unknown keys raise)."""
+    tree: dict[str, Any] = {}
+    if path:
+        p = resolve_sweep_path(path)
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: a sweep file is a mapping (name, base, space, search, ...)")
+        tree = data
+    tree.setdefault("base", {})
+    tree["base"] = dict(tree["base"] or {})
+    for item in items or []:
+        key, value = parse_override(item)
+        if key.split(".", 1)[0] in CONFIG_SECTIONS:
+            tree["base"][key] = value
+        else:
+            _set_field(tree, key, value)
+    if isinstance(tree.get("space"), dict) and not tree["space"]:
+        raise ConfigError("space: {} is empty; give dotted config keys with specs, or a preset name")
+    return _typed_spec(tree)
+
+
+def _typed_spec(tree: dict[str, Any]) -> SweepSpec:
+    """Type-check every field with the config's checker; ``space`` and ``base`` stay free-form here
+    (tuning/spaces.py and pipeline/config.py check them against the experiment config)."""
+    hints = _hints(SweepSpec)
+    kwargs: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key not in hints:
+            raise _unknown_key("", key, SweepSpec)
+        if key in ("space", "base"):
+            kwargs[key] = value
+        else:
+            kwargs[key] = _coerce(value, hints[key], key)
+    try:
+        return SweepSpec(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"sweep file: {e}") from e
+
+
+def sweep_name(spec: SweepSpec, base: ExperimentConfig) -> str:
+    """spec.name, else content-based: the same sweep on the same base config gets the same name (and so
+    resumes), with no timestamp in it."""
+    if spec.name:
+        return spec.name
+    d = spec.to_dict()
+    d.pop("name")
+    b = base.to_dict()
+    b["run"] = {k: v for k, v in b["run"].items() if k != "name"}
+    b.pop("tracking", None)
+    digest = hashlib.sha1(json.dumps({"sweep": d, "base": b}, sort_keys=True, default=str).encode())
+    return f"sweep-{digest.hexdigest()[:10]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Which metrics a trial reports (checked before any trial starts)
+# ----------------------------------------------------------------------------------------------
+
+
+def term_names(mode: str) -> list[str]:
+    """Names of the CTRL terms the trainer logs for an objective mode (models/ctrl.py CTRLTerms)."""
+    from models.ctrl import CTRLTerms
+
+    present = {"binary": {"delta_r_z_zhat"}, "multiclass": {"delta_r_z", "delta_r_zhat", "delta_r_pairs"}}[mode]
+    always = {"objective", "consistency", "rate_z"}
+    return [f.name for f in dataclasses.fields(CTRLTerms) if f.name in always | present]
+
+
+def training_metrics(cfg: ExperimentConfig) -> set[str]:
+    """Keys of every periodic report of a training run (pipeline/trainer.py ``log_metrics``)."""
+    names = {f"{player}/{t}" for player in ("encoder", "decoder") for t in term_names(cfg.objective.mode)}
+    names |= {f"sparsity/stage{i + 1}" for i in range(cfg.model.num_stages)}
+    names |= {"train/recon_mse", "train/recon_psnr", "train/step", "perf/images_per_s", "perf/step_ms",
+              "perf/data_wait_fraction", "optim/encoder_lr", "optim/decoder_lr"}
+    return names
+
+
+def evaluation_metrics(cfg: ExperimentConfig) -> set[str]:
+    """Keys the end-of-training evaluation adds to the last report (pipeline/evaluate.py)."""
+    names = {"eval/mse", "eval/psnr", "eval/ssim", "eval/images"}
+    names |= {f"eval/sparsity/stage{i + 1}" for i in range(cfg.model.num_stages)}
+    names |= {f"eval/objective/{t}" for t in term_names(cfg.objective.mode)}
+    return names
+
+
+def evaluation_skipped_because(cfg: ExperimentConfig, splits: list[str] | None) -> str:
+    """Why the end-of-training evaluation will not run for ``cfg`` ('' when it will). ``splits`` are the
+    shard manifest's splits (None for synthetic data)."""
+    if cfg.data.synthetic:
+        return "data.synthetic=true (random tensors have no held-out split)"
+    if not cfg.data.eval_split:
+        return "data.eval_split is empty"
+    if cfg.train.eval_batches == 0:
+        return "train.eval_batches=0"
+    if splits is not None and cfg.data.eval_split not in splits:
+        return f"the shards have no '{cfg.data.eval_split}' split (splits: {', '.join(splits)})"
+    return ""
+
+
+def check_metric(name: str, role: str, cfg: ExperimentConfig, splits: list[str] | None, *,
+                 every_report: bool) -> None:
+    """``name`` must be reported by the trials (by every report when ``every_report``); else a
+    ConfigError that lists what is reported."""
+    train = training_metrics(cfg)
+    evaluation = evaluation_metrics(cfg)
+    if name in train:
+        return
+    if name in evaluation:
+        if every_report:
+            raise ConfigError(f"{role}={name!r} is measured only by the end-of-training evaluation, but "
+                              f"{role} needs a value at every report; use one of the training metrics, e.g. "
+                              f"train/recon_psnr or sparsity/stage1")
+        why = evaluation_skipped_because(cfg, splits)
+        if why:
+            raise ConfigError(f"{role}={name!r} comes from the end-of-training evaluation, which these trials "
+                              f"skip: {why}. Use a training metric (e.g. metric=train/recon_psnr) or give shards "
+                              f"with an evaluation split")
+        return
+    candidates = sorted(train | (set() if every_report else evaluation))
+    near = difflib.get_close_matches(name, candidates, n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    raise ConfigError(f"{role}={name!r} is never reported by a trial.{hint} Reported: {', '.join(candidates)}")
+
+
+def asha_grace_period(spec: SweepSpec, cfg: ExperimentConfig) -> int:
+    """ASHA's first rung, in training steps; checked against train.steps."""
+    grace = spec.asha.grace_period or max(1, cfg.train.steps // 4)
+    if grace > cfg.train.steps:
+        raise ConfigError(f"asha.grace_period={grace} exceeds train.steps={cfg.train.steps}: no trial could "
+                          f"ever be compared; lower it or train longer")
+    return grace
