@@ -6,6 +6,8 @@ driver starts, whose placement group Ray Train reserves outside Tune's. Tune kno
 left alone it starts as many drivers as there are CPUs and their worker groups wait for each other,
 forever on a small machine. So ``max_concurrent_trials`` is the number of whole trials (driver +
 workers) that first-fit packing places on the cluster's nodes; a trial that fits nowhere is an error.
+The count is taken from the live nodes when the sweep starts: on an autoscaling cluster, have the
+worker nodes up first (min_workers), or the sweep is refused or runs fewer trials at once.
 """
 from __future__ import annotations
 
@@ -51,10 +53,14 @@ def _fits(bundle: Mapping[str, float], free: Mapping[str, float]) -> bool:
 
 
 def _place(bundles: Sequence[Mapping[str, float]], nodes: list[dict[str, float]]) -> bool:
-    """First-fit the bundles onto ``nodes`` (free resources, updated in place when all fit)."""
+    """First-fit the bundles onto ``nodes`` (free resources, updated in place when all fit). A bundle
+    without GPUs tries the nodes without GPUs first, as Ray's scheduler does (it keeps GPU nodes for
+    GPU work), so the drivers do not take the CPUs that GPU workers need."""
     trial = [dict(n) for n in nodes]
     for bundle in bundles:
-        node = next((n for n in trial if _fits(bundle, n)), None)
+        wants_gpu = bundle.get("GPU", 0.0) > 0
+        order = sorted(trial, key=lambda n: (not wants_gpu and n.get("GPU", 0.0) > 0))
+        node = next((n for n in order if _fits(bundle, n)), None)
         if node is None:
             return False
         for k, v in bundle.items():

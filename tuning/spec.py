@@ -21,7 +21,8 @@ A sweep file is YAML with these keys (all optional; defaults below):
 
 Command-line ``key=value`` items whose first part is a config section (model, optim, train, ...) go
 into ``base``; any other key sets a field of this file (``num_samples=4``, ``space=unroll``,
-``asha.grace_period=20``, ``resources.num_workers=2``).
+``space=[sparsity, unroll]``, ``asha.grace_period=20``, ``resources.num_workers=2``); their values
+may be YAML flow text.
 """
 from __future__ import annotations
 
@@ -190,11 +191,18 @@ def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -
         key, value = parse_override(item)
         if key.split(".", 1)[0] in CONFIG_SECTIONS:
             tree["base"][key] = value
-        else:
-            _set_field(tree, key, value)
+        else:  # sweep fields also take YAML flow values: space=[sparsity, unroll]
+            _set_field(tree, key, _yaml_value(item.split("=", 1)[1]) if isinstance(value, str) else value)
     if isinstance(tree.get("space"), dict) and not tree["space"]:
         raise ConfigError("space: {} is empty; give dotted config keys with specs, or a preset name")
     return _typed_spec(tree)
+
+
+def _yaml_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read {raw!r} as a value: {e}") from None
 
 
 def _typed_spec(tree: dict[str, Any]) -> SweepSpec:
