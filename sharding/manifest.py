@@ -16,7 +16,6 @@ sample counts from the manifest and never count shards themselves.
 """
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,16 +56,23 @@ def shards_name(split: str) -> str:
 
 
 def table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
-    """Parquet bytes of `rows` (zstd-compressed; statistics on)."""
-    table = pa.Table.from_pylist(rows, schema=schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
+    """Parquet bytes of `rows` (zstd-compressed), built in an Arrow buffer."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
-def reason_category(reason: str) -> str:
-    """'corrupt or truncated image: image file is truncated ...' -> 'corrupt or truncated image'."""
-    return reason.split(":", 1)[0].strip()
+def read_table(dest: Destination, name: str) -> pa.Table:
+    """A parquet table, read from an Arrow-owned copy of the file's bytes on the calling thread.
+
+    Arrow may release its input on a pool thread after read_table returns; were that input a Python
+    object (bytes, a file), the release would need the GIL, and a pool thread caught by interpreter
+    shutdown aborts the process ("terminate called without an active exception").
+    """
+    data = dest.read_bytes(name)
+    buf = pa.allocate_buffer(len(data))
+    pa.FixedSizeBufferWriter(buf).write(data)
+    return pq.read_table(pa.BufferReader(buf), use_threads=False, pre_buffer=False)
 
 
 @dataclass
@@ -137,12 +143,10 @@ class Manifest:
     def samples(self, split: str) -> pa.Table:
         """The per-sample table of `split` (read on demand)."""
         self._split(split)
-        with self._destination().open(samples_name(split)) as f:
-            return pq.read_table(f)
+        return read_table(self._destination(), samples_name(split))
 
     def rejected(self) -> pa.Table:
-        with self._destination().open("manifest/rejected.parquet") as f:
-            return pq.read_table(f)
+        return read_table(self._destination(), "manifest/rejected.parquet")
 
 
 def write_manifest(dest: Destination, *, options: dict, fingerprint: str, classes: list[ClassInfo],
@@ -183,12 +187,11 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
                             "finished writing it") from exc
     if summary.get("format") != MANIFEST_FORMAT:
         raise ManifestError(f"{url}/{SUMMARY_NAME}: format {summary.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    with dest.open("manifest/classes.parquet") as f:
-        classes = [ClassInfo(int(r["label"]), r["name"], r["description"]) for r in pq.read_table(f).to_pylist()]
+    classes = [ClassInfo(int(r["label"]), r["name"], r["description"])
+               for r in read_table(dest, "manifest/classes.parquet").to_pylist()]
     shards = {}
     for split in summary["split_order"]:
-        with dest.open(shards_name(split)) as f:
-            rows = pq.read_table(f).to_pylist()
+        rows = read_table(dest, shards_name(split)).to_pylist()
         shards[split] = [ShardInfo(r["name"], dest.url_of(r["name"]), int(r["samples"]), int(r["bytes"]),
                                    r["sha256"], r["first_key"], r["last_key"]) for r in rows]
     return Manifest(dest.url, summary, classes, shards, storage_options or {})

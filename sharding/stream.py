@@ -377,6 +377,18 @@ def make_train_loader(shards: str | Manifest, split: str = "train", *, image_siz
     return ShardLoader(loader, stats, epoch, steps_per_epoch, steps_per_epoch * batch_size)
 
 
+def nominal_steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Steps that make one nominal epoch: ⌊num_samples / (batch_size · world_size)⌋, at least 1.
+
+    The training stream resamples shards, so an epoch is a step count, not an exact pass; with this
+    count, all ranks together draw about num_samples samples per epoch.
+    """
+    if num_samples < 0 or batch_size < 1 or world_size < 1:
+        raise ValueError(f"need num_samples >= 0, batch_size >= 1, world_size >= 1; got {num_samples}, "
+                         f"{batch_size}, {world_size}")
+    return max(1, num_samples // (batch_size * world_size))
+
+
 def eval_batches(shard_samples: list[int], rank: int, world_size: int, num_workers: int,
                  batch_size: int) -> tuple[int, int]:
     """(batches, samples) one rank yields in exact mode: Σ over its workers of ⌈n_worker / b⌉."""
