@@ -1,0 +1,146 @@
+"""The experiment files in configs/ (the top level; configs/sweeps/ holds sweep files, another schema).
+
+Each file must load through ``load_config`` (defaults < preset < file), hold only keys that change
+the loaded configuration (STYLE.md 5.3: a file states what differs from the defaults), and match the
+reference settings of REFERENCE.md §3/§5 that it claims to reproduce.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.config import (CONFIG_DIR, ExperimentConfig, diff_from_defaults, flatten, load_config,
+                             read_yaml)
+
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+REPO = CONFIG_DIR.parent
+
+
+def leaf_keys(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for key, value in tree.items():
+        path = prefix + (key,)
+        out.extend(leaf_keys(value, path) if isinstance(value, dict) else [path])
+    return out
+
+
+def without(tree: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``tree`` with the leaf at ``path`` (and any section it leaves empty) removed."""
+    tree = copy.deepcopy(tree)
+    node, parents = tree, []
+    for key in path[:-1]:
+        parents.append((node, key))
+        node = node[key]
+    del node[path[-1]]
+    for parent, key in reversed(parents):
+        if not parent[key]:
+            del parent[key]
+    return tree
+
+
+def test_the_bundled_experiment_files_exist():
+    assert {p.stem for p in CONFIG_FILES} >= {"imagenet128", "fashion_mnist32", "prototype32"}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert load_config(path.stem) == cfg  # `cscctrl train -c imagenet128` finds the same file
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_key_changes_the_config(path):
+    """Removing any one key from the file changes the loaded config; so no key restates a default
+    (or, under model:, a value its preset already sets)."""
+    tree = read_yaml(path)
+    full = load_config(path)
+    for key in leaf_keys(tree):
+        assert load_config(base=without(tree, key)) != full, \
+            f"{path.name}: {'.'.join(key)} = {flatten(tree)['.'.join(key)]!r} restates the default"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_outside_model_the_file_is_exactly_the_diff_from_defaults(path):
+    """Outside the model section (which a preset fills), what differs from the defaults is exactly
+    what the file states: nothing redundant, nothing lost or retyped on the way."""
+    tree = read_yaml(path)
+    diff = diff_from_defaults(load_config(path))
+    stated = {k: v for k, v in flatten(tree).items() if not k.startswith("model.")}
+    differing = {k: v for k, v in flatten(diff).items() if not k.startswith("model.")}
+    assert stated == differing
+
+
+def test_redundancy_check_flags_a_restated_default():
+    """The check above can fail: a key that restates a default (the binary objective) leaves the
+    loaded config unchanged when removed."""
+    tree = read_yaml(CONFIG_DIR / "imagenet128.yaml")
+    tree.setdefault("objective", {})["mode"] = ExperimentConfig().objective.mode
+    full = load_config(base=tree)
+    assert load_config(base=without(tree, ("objective", "mode"))) == full
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference settings each file reproduces (REFERENCE.md §3, §5)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_imagenet128_matches_the_128px_reference():
+    cfg = load_config(CONFIG_DIR / "imagenet128.yaml")
+    assert cfg.model.preset == "csc_ctrl_128" and cfg.model.image_size == 128 and cfg.model.nz == 128
+    assert cfg.objective.mode == "binary"
+    assert cfg.train.steps == 450_000
+    assert cfg.train.encoder_steps_per_decoder_step == 1
+    for opt in (cfg.optim.encoder, cfg.optim.decoder):
+        assert opt.lr == 1.5e-4 and opt.betas == (0.0, 0.9)
+    assert cfg.optim.schedule == "linear"
+    assert cfg.data.dequantize
+    assert cfg.scaling.num_workers == 8 and cfg.scaling.use_gpu
+    # global batch 300 in the reference; 8 workers cannot split it evenly
+    assert abs(cfg.global_batch_size - 300) <= 300 * 0.02, cfg.global_batch_size
+    assert cfg.run.storage_path.startswith("s3://") and cfg.data.shards.startswith("s3://")
+
+
+def test_imagenet128_fits_one_8_gpu_node_of_the_cluster_file():
+    cluster = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    cfg = load_config(CONFIG_DIR / "imagenet128.yaml")
+    gpu8 = [t["resources"] for t in cluster["available_node_types"].values() if t["resources"].get("GPU") == 8]
+    assert gpu8, "ray_cluster.yaml has no 8-GPU node type"
+    for resources in gpu8:
+        assert cfg.scaling.num_workers * cfg.scaling.gpus_per_worker <= resources["GPU"]
+        assert cfg.scaling.num_workers * cfg.scaling.cpus_per_worker <= resources["CPU"]
+
+
+def test_imagenet128_uses_the_bucket_of_the_cluster_file():
+    """One `sed` over both files replaces the bucket placeholder (docs/cluster.md)."""
+    cfg = load_config(CONFIG_DIR / "imagenet128.yaml")
+    cluster_text = (REPO / "ray_cluster.yaml").read_text()
+    for url in (cfg.data.shards, cfg.run.storage_path):
+        bucket = re.match(r"s3://([^/]+)/", url).group(1)
+        assert f"s3://{bucket}/" in cluster_text
+
+
+def test_fashion_mnist32_matches_the_32px_labelled_reference():
+    cfg = load_config(CONFIG_DIR / "fashion_mnist32.yaml")
+    assert cfg.model.preset == "csc_ctrl_32" and cfg.model.image_size == 32 and cfg.model.nz == 512
+    assert cfg.objective.mode == "multiclass" and cfg.objective.num_classes == 10
+    assert cfg.global_batch_size == 1600
+    assert cfg.train.encoder_steps_per_decoder_step == 2
+    for opt in (cfg.optim.encoder, cfg.optim.decoder):
+        assert opt.lr == 1.5e-4 and opt.betas == (0.5, 0.999)
+    assert 0 < cfg.train.steps <= 45_000
+    assert cfg.scaling.num_workers == 1 and cfg.scaling.use_gpu
+
+
+def test_prototype32_matches_the_authors_prototype():
+    cfg = load_config(CONFIG_DIR / "prototype32.yaml")
+    m = cfg.model
+    assert (m.preset, m.image_size, m.ndf, m.nz, m.n_steps) == ("csc_ctrl_prototype32", 32, 128, 512, 2)
+    assert m.decoder_dictionaries == "tied"
+    assert cfg.objective.mode == "multiclass" and cfg.objective.num_classes == 10
+    assert cfg.global_batch_size == 2000
+    assert cfg.scaling.num_workers == 1 and cfg.scaling.use_gpu
