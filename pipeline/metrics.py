@@ -41,6 +41,11 @@ def _check_pair(x: Tensor, y: Tensor, name: str) -> None:
                          f"got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (fp16, bf16, fp32) is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _reduce(per_image: Tensor, reduction: Reduction) -> Tensor:
     if reduction == "mean":
         return per_image.mean()
@@ -56,7 +61,8 @@ def mse(x: Tensor, y: Tensor, reduction: Reduction = "mean") -> Tensor:
     tensor on x's device: no host synchronisation).
     """
     _check_pair(x, y, "mse")
-    diff = x.float() - y.float()
+    dtype = _compute_dtype(x)
+    diff = x.to(dtype) - y.to(dtype)
     return _reduce(diff.square().flatten(1).mean(1), reduction)
 
 
@@ -99,7 +105,7 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 2.0, reduction: Reduction = "
     if data_range <= 0:
         raise ValueError(f"ssim: data_range={data_range} must be > 0 (2.0 for images in [-1, 1])")
     b, c, h, w = x.shape
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(x)
     # Channels become batch entries so one separable depthwise filter handles every channel.
     x = x.to(dtype).reshape(b * c, 1, h, w)
     y = y.to(dtype).reshape(b * c, 1, h, w)
