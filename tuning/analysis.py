@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.config import ExperimentConfig, diff_from_defaults, load_config
 from tuning.callbacks import LAST_CHECKPOINT_KEY, format_value, nonzero_fraction, short_label, trial_status
-from tuning.spaces import Dimension, getattr_path, overrides_from_trial
+from tuning.spaces import Dimension, overrides_from_trial
 
 PLOT_FILE = "metric_vs_lam_n.png"
 TABLE_FILE = "trials.csv"
@@ -54,9 +54,9 @@ class TrialRow:
 
 def rows_from_trials(trials: Sequence[Any], dims: Sequence[Dimension], total_steps: int,
                      run_name_of: Any) -> list[TrialRow]:
-    """Tune ``Trial`` objects (``tune.ExperimentAnalysis(path).trials``) -> rows, in trial order."""
+    """Tune ``Trial`` objects (``tune.ExperimentAnalysis(path).trials``) -> rows, in creation order."""
     rows = []
-    for t in trials:
+    for t in sorted(trials, key=lambda t: t.trial_id):  # ids end in the creation index
         result = t.last_result or {}
         metrics = {k: float(v) for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -236,17 +236,20 @@ def best_config_yaml(config_file: str, base_overrides: Mapping[str, Any], point:
     Run name, MLflow parent and per-trial resources are left out: the file starts a new, full run."""
     cfg = load_config(config_file or None, {**base_overrides, **point})
     tree = diff_from_defaults(cfg)
+    # Keys the sweep set are written even when they equal the defaults: a preset may hold other values.
+    full = cfg.to_dict()
+    for key in [*base_overrides, *point]:
+        *sections, leaf = key.split(".")
+        src, dst = full, tree
+        for part in sections:
+            src, dst = src[part], dst.setdefault(part, {})
+        dst[leaf] = src[leaf]
     tree.get("run", {}).pop("name", None)
     tree.get("tracking", {}).pop("parent_run_id", None)
     tree.pop("scaling", None)
     tree = {k: v for k, v in tree.items() if v}
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     return comment + yaml.safe_dump(tree, sort_keys=False)
-
-
-def point_matches(cfg: ExperimentConfig, point: Mapping[str, Any]) -> bool:
-    """Whether ``cfg`` holds every value of ``point`` (tuples compare as tuples)."""
-    return all(getattr_path(cfg, k) == (tuple(v) if isinstance(v, list) else v) for k, v in point.items())
 
 
 # ----------------------------------------------------------------------------------------------

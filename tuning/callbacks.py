@@ -158,9 +158,6 @@ class TrialTable(Callback):
                        any(t.status == "RUNNING" for t in trials)):
             self._print(trials)
 
-    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self._print(trials)
-
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_last_print"] = 0.0

@@ -288,10 +288,13 @@ def build_tuner(plan: SweepPlan, trainable: Any, concurrency: int) -> Any:
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(metric=s.metric, mode=s.mode, seed=s.seed)
+        limit = {"max_concurrent_trials": concurrency}  # Tune wraps a Searcher in a ConcurrencyLimiter
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=s.seed)
+        # Tune ignores TuneConfig.max_concurrent_trials for this generator: it takes its own limit.
+        search_alg = BasicVariantGenerator(max_concurrent=concurrency, random_state=s.seed)
+        limit = {}
     if s.scheduler == "asha":
         scheduler = AsyncHyperBandScheduler(time_attr=TIME_ATTR, metric=s.asha.metric, mode=s.asha.mode,
                                             max_t=plan.max_t, grace_period=plan.grace_period,
@@ -302,8 +305,7 @@ def build_tuner(plan: SweepPlan, trainable: Any, concurrency: int) -> Any:
         trainable,
         param_space=plan.param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,
-                                    max_concurrent_trials=concurrency, trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_dirname),
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname, **limit),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.experiment_root,
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   callbacks=[TrialTable(plan.dims, s.metric, plan.max_t)], verbose=0),
