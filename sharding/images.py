@@ -88,8 +88,8 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             if im.width * im.height > max_pixels:
-                raise RejectedImage(f"too large: {im.width}x{im.height} = {im.width * im.height} pixels "
-                                    f"> max_pixels {max_pixels} (decompression-bomb guard)")
+                raise RejectedImage(f"decompression bomb: {im.width}x{im.height} = {im.width * im.height} "
+                                    f"pixels > max_pixels {max_pixels}")
             im.load()
     except RejectedImage:
         raise

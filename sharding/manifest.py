@@ -75,6 +75,11 @@ def read_table(dest: Destination, name: str) -> pa.Table:
     return pq.read_table(pa.BufferReader(buf), use_threads=False, pre_buffer=False)
 
 
+def reason_category(reason: str) -> str:
+    """'corrupt or truncated image: image file is truncated ...' -> 'corrupt or truncated image'."""
+    return reason.split(":", 1)[0].strip()
+
+
 @dataclass
 class ShardInfo:
     name: str

@@ -44,7 +44,8 @@ def check_protocol(url: str) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except ValueError as exc:
-        known = ", ".join(sorted(k for k in fsspec.registry.known_implementations if len(k) > 2)[:25])
+        known = ", ".join(p for p in ("file", "s3", "gs", "abfs", "hdfs", "http", "memory")
+                          if p in fsspec.available_protocols())
         raise DestinationError(f"unknown URL scheme {protocol!r} in {url!r}; fsspec knows e.g.: {known}") from exc
     except ImportError as exc:
         raise DestinationError(f"URL scheme {protocol!r} in {url!r} needs a package that is not installed: {exc}") from exc

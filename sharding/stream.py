@@ -199,7 +199,8 @@ class TarMembers:
         for source in src:
             url, ok = source["url"], True
             try:
-                with fsspec.open(url, "rb", block_size=READ_BLOCK_SIZE, **self.storage_options) as stream, \
+                fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
+                with fs.open(path, "rb", block_size=READ_BLOCK_SIZE) as stream, \
                         tarfile.open(fileobj=stream, mode="r|") as tar:
                     for info in tar:
                         if is_unsafe_member(info.name):

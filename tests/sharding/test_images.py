@@ -156,7 +156,7 @@ def test_decompression_bomb_is_rejected():
     bomb = encode(Image.new("1", (20000, 20000)), "PNG")  # 400 Mpixel, a few kB of PNG
     with pytest.raises(RejectedImage) as info:
         prepare_image(bomb, ImageOptions())
-    assert "20000x20000" in info.value.reason or "decompression bomb" in info.value.reason
+    assert info.value.reason.startswith("decompression bomb")
     with pytest.raises(RejectedImage, match="max_pixels 1000"):
         prepare_image(encode(Image.new("L", (50, 50)), "PNG"), ImageOptions(max_pixels=1000))
 
