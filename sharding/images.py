@@ -6,7 +6,9 @@ of a training run. What is stored:
     8-bit RGB or grayscale JPEG/PNG, no resize needed   -> the original bytes, untouched
     CMYK, palette, alpha, 16-bit, 1-bit, other formats   -> converted, then re-encoded:
                                                             PNG for lossless sources, JPEG otherwise
-    --resize S (shorter side > S)                        -> shorter side resized to S, JPEG(quality)
+    --resize S (shorter side > S)                        -> shorter side resized to S, JPEG(quality);
+                                                            JPEGs first decoded at 1/2, 1/4 or 1/8 scale
+                                                            in the DCT domain when that stays >= S
 
 Conversions (all to 8 bits per channel):
     16-bit grey  v ∈ [0, 65535]  ->  round(v / 257) ∈ [0, 255]    (65535 / 255 = 257 exactly)
@@ -76,8 +78,13 @@ class PreparedImage:
     converted: bool  # True when the stored bytes differ from the source bytes
 
 
-def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
-    """Open and fully decode `data`; raise RejectedImage with a readable reason on any failure."""
+def _open_checked(data: bytes, max_pixels: int, draft_to: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Open and decode `data` (every byte of it); raise RejectedImage with a readable reason on failure.
+
+    draft_to: for JPEGs with a shorter side over draft_to, let libjpeg scale by 1/2, 1/4 or 1/8 in the
+    DCT domain while both sides stay >= draft_to (the whole file is still read, so truncation is
+    still detected). Returns the decoded image and the file's own (width, height).
+    """
     if len(data) == 0:
         raise RejectedImage("empty file (0 bytes)")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -90,6 +97,9 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
             if im.width * im.height > max_pixels:
                 raise RejectedImage(f"decompression bomb: {im.width}x{im.height} = {im.width * im.height} "
                                     f"pixels > max_pixels {max_pixels}")
+            size = im.size
+            if draft_to is not None and im.format == "JPEG" and im.mode in ("RGB", "L") and min(size) > draft_to:
+                im.draft(im.mode, (draft_to, draft_to))
             im.load()
     except RejectedImage:
         raise
@@ -103,7 +113,7 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise RejectedImage(f"corrupt or truncated image: {exc}") from exc
     if im.width < 1 or im.height < 1:
         raise RejectedImage(f"degenerate size {im.width}x{im.height}")
-    return im
+    return im, size
 
 
 def _composite_over_white(im: Image.Image) -> Image.Image:
@@ -135,12 +145,13 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
 
 
-def resize_shorter_side(im: Image.Image, shorter: int) -> Image.Image:
+def resize_shorter_side(im: Image.Image, shorter: int, original_size: tuple[int, int] | None = None) -> Image.Image:
     """Resize so that min(w, h) = `shorter`, keeping the aspect ratio (bicubic, antialiased).
 
-    Long side = round(long · shorter / short), at least 1 pixel.
+    Long side = round(long · shorter / short) of `original_size` (the file's size, when `im` was
+    decoded at a reduced DCT scale), at least 1 pixel.
     """
-    w, h = im.size
+    w, h = original_size or im.size
     scale = shorter / min(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return im.resize(size, Image.Resampling.BICUBIC)
@@ -158,14 +169,14 @@ def encode(im: Image.Image, fmt: Literal["jpg", "png"], quality: int) -> bytes:
 
 def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
     """Validate `data` (one source file) and return what the shard stores; raise RejectedImage."""
-    im = _open_checked(data, options.max_pixels)
+    im, (width, height) = _open_checked(data, options.max_pixels, draft_to=options.resize)
     fmt = im.format or ""
     converted = to_8bit(im)
-    needs_resize = options.resize is not None and min(converted.size) > options.resize
+    needs_resize = options.resize is not None and min(width, height) > options.resize
     if not needs_resize and converted is im and fmt in KEPT_FORMATS:
-        return PreparedImage(data, KEPT_FORMATS[fmt], im.width, im.height, converted=False)
+        return PreparedImage(data, KEPT_FORMATS[fmt], width, height, converted=False)
     if needs_resize:
-        out = resize_shorter_side(converted, options.resize)
+        out = resize_shorter_side(converted, options.resize, (width, height))
         ext: Literal["jpg", "png"] = "jpg"
     else:
         out = converted

@@ -285,7 +285,8 @@ class DecodeTransform(wds.PipelineStage):
 def collate(samples: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """[(x (3,H,W), label, key)] -> (x (b,3,H,W), labels (b,) int64, keys)."""
     xs, labels, keys = zip(*samples)
-    return torch.stack(xs), torch.tensor(labels, dtype=torch.int64), list(keys)
+    # np.stack: a plain copy, without torch's intra-op threads (see transforms.to_signed_unit).
+    return torch.from_numpy(np.stack([x.numpy() for x in xs])), torch.tensor(labels, dtype=torch.int64), list(keys)
 
 
 def drop_keys(batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:

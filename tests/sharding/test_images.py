@@ -134,6 +134,15 @@ def test_resize_at_shard_sets_shorter_side(astronaut):
     assert small.data == data
 
 
+def test_resize_of_a_large_jpeg_keeps_the_files_aspect_ratio():
+    photo = Image.fromarray(real_photo("rocket")).resize((500, 375))  # ImageNet-like
+    data = encode(photo, "JPEG", quality=90)
+    out = prepare_image(data, ImageOptions(resize=100))  # decoded at 1/2 scale (250x188), then resized
+    assert (out.width, out.height) == (133, 100) and decode(out.data).shape == (100, 133, 3)
+    direct = np.asarray(photo.resize((133, 100), Image.Resampling.BICUBIC), dtype=float)
+    assert np.abs(decode(out.data).astype(float) - direct).mean() < 4.0  # same picture, two JPEG generations
+
+
 def test_reencoding_is_deterministic(astronaut):
     data = encode(Image.fromarray(astronaut).convert("CMYK"), "JPEG")
     a, b = (prepare_image(data, ImageOptions(resize=32)) for _ in range(2))
