@@ -101,8 +101,9 @@ class TrainConfig:
     encoder_steps_per_decoder_step: int = 1
     """'inner' of REFERENCE.md §5: encoder steps before each decoder step."""
 
-    precision: Literal["auto", "bf16", "fp32", "tf32"] = "auto"
-    """Network arithmetic: 'auto' = bf16 autocast on GPU, fp32 on CPU. Logdets are always fp32."""
+    precision: Literal["auto", "bf16", "fp32", "tf32", "fp64"] = "auto"
+    """Network arithmetic: 'auto' = bf16 autocast on GPU, fp32 on CPU; 'fp64' = float64 networks and
+    statistics (numerical checks, e.g. the multi-worker parity test). Logdets are at least fp32."""
 
     compile: bool = False
     """torch.compile the networks (GPU only; pays off on long runs)."""

@@ -95,14 +95,16 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         μ = Σ_r Σ x / N,   σ² = Σ_r Σ x² / N − μ²,   N = Σ_r b_r·h·w     (one differentiable all-reduce)
 
     Unlike ``nn.SyncBatchNorm`` it runs on CPU (gloo) too, which the parity test needs. The moments
-    are computed in fp32 whatever the autocast dtype. Evaluation mode uses the running statistics.
+    are computed in fp32 (fp64 for float64 inputs) whatever the autocast dtype. Evaluation mode uses the running statistics.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return super().forward(x)
-        xf = x.float()
-        n_local = torch.tensor([xf.numel() / xf.shape[1]], device=x.device, dtype=torch.float32)
+        xf = x if x.dtype == torch.float64 else x.float()
+        # new_full is a fill kernel; torch.tensor([...], device=cuda) would be a host-to-device copy
+        # that makes the host wait for the GPU at every BatchNorm call.
+        n_local = xf.new_full((1,), xf.numel() / xf.shape[1])
         moments = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), n_local])
         moments = all_reduce_sum(moments)
         c = x.shape[1]

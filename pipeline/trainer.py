@@ -98,8 +98,9 @@ class CTRLTrainer:
             distributed.convert_batchnorm(encoder)
             distributed.convert_batchnorm(decoder)
         fmt = torch.channels_last if (device.type == "cuda" and cfg.train.channels_last) else torch.contiguous_format
-        self.raw_encoder = encoder.to(device, memory_format=fmt)
-        self.raw_decoder = decoder.to(device, memory_format=fmt)
+        self.dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32
+        self.raw_encoder = encoder.to(device, dtype=self.dtype, memory_format=fmt)
+        self.raw_decoder = decoder.to(device, dtype=self.dtype, memory_format=fmt)
         distributed.broadcast_parameters(self.raw_encoder)
         distributed.broadcast_parameters(self.raw_decoder)
         self.memory_format = fmt
@@ -144,7 +145,7 @@ class CTRLTrainer:
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             x, labels = next(self.batches)
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            x = x.to(self.device, dtype=self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             self._data_wait += time.perf_counter() - t0
             self.train_step(x, labels)
