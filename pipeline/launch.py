@@ -26,8 +26,8 @@ HELP_EPILOG = """\
 examples:
   cscctrl train                                   # demo shards, 1 CPU worker, local MLflow store
   cscctrl train -c configs/fashion_mnist32.yaml data.shards=/data/fmnist-shards scaling.num_workers=2
-  cscctrl train -c imagenet128 data.shards=s3://bucket/imagenet-128 run.storage_path=s3://bucket/runs \\
-      tracking.uri=http://127.0.0.1:5000 scaling.num_workers=8 scaling.use_gpu=true
+  cscctrl train -c imagenet128 data.shards=s3://bucket/imagenet-128 run.storage_path=s3://bucket/runs
+      # on a cluster: `ray job submit ... -- cscctrl train ...`; MLflow comes from $MLFLOW_TRACKING_URI
   cscctrl train --print-config model.preset=csc_ctrl_48    # show the resolved config and exit
 
 Overrides are section.key=value with sections model, objective, optim, train, data, run, tracking,
