@@ -119,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
     manifest = finalize(plan, dest)
     per_split = ", ".join(f"{s} {manifest.num_samples(s)} in {manifest.num_shards(s)} shards" for s in manifest.splits)
     rejected = manifest.summary["rejected"]
+    reasons = f" ({_format_rejects(rejected['by_reason'])})" if rejected["total"] else ""
     print(head)
     print(f"cscctrl shard: {manifest.url}: {per_split}; {manifest.num_classes} classes; "
-          f"rejected {rejected['total']}" + (f" ({_format_rejects(rejected['by_reason'])})" if rejected["total"] else ""))
+          f"rejected {rejected['total']}{reasons}")
     return 0

@@ -133,10 +133,6 @@ class Manifest:
         self._split(split)
         return len(self.shards[split])
 
-    @property
-    def num_rejected(self) -> int:
-        return int(self.summary["rejected"]["total"])
-
     def _split(self, split: str) -> dict:
         if split not in self.summary["splits"]:
             raise KeyError(f"split {split!r} not in the manifest at {self.url}; it has {self.splits}")

@@ -66,13 +66,6 @@ class ShardPlan:
         return list(dict.fromkeys(s.split for s in self.shards))
 
     @property
-    def num_samples(self) -> int:
-        return sum(len(s.items) for s in self.shards)
-
-    def shards_of(self, split: str) -> list[ShardSpec]:
-        return [s for s in self.shards if s.split == split]
-
-    @property
     def label_names(self) -> dict[int, str]:
         return {c.label: c.name for c in self.classes}
 

@@ -92,10 +92,6 @@ class Listing:
     classes: list[ClassInfo]
     rejected: list[ListedReject] = field(default_factory=list)
 
-    @property
-    def label_names(self) -> dict[int, str]:
-        return {c.label: c.name for c in self.classes}
-
 
 class Source(ABC):
     """A picklable description of where samples come from."""
@@ -323,7 +319,7 @@ class ImageNetSource(Source):
         return next((p / name for p in candidates if (p / name).is_file()), None)
 
     def list(self) -> Listing:
-        root, image_root = Path(self.root), Path(self.image_root)
+        image_root = Path(self.image_root)
         wnids = [d.name for d in _subdirs(image_root / "train")]
         mapping_path = self._find(SYNSET_MAPPING)
         words = read_synset_mapping(mapping_path) if mapping_path else {}
@@ -353,7 +349,8 @@ class ImageNetSource(Source):
         root = Path(self.root)
         for class_dir in _subdirs(split_dir):
             if class_dir.name not in label_of:
-                rejected.append(ListedReject(split, self._rel(str(class_dir)), f"class {class_dir.name} is not in train/"))
+                rejected.append(ListedReject(split, self._rel(str(class_dir)),
+                                             f"class {class_dir.name} is not in train/"))
                 continue
             found, bad = scan_images(root, class_dir)
             rejected += [ListedReject(split, rel, reason) for rel, reason in bad]

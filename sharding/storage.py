@@ -48,7 +48,8 @@ def check_protocol(url: str) -> None:
                           if p in fsspec.available_protocols())
         raise DestinationError(f"unknown URL scheme {protocol!r} in {url!r}; fsspec knows e.g.: {known}") from exc
     except ImportError as exc:
-        raise DestinationError(f"URL scheme {protocol!r} in {url!r} needs a package that is not installed: {exc}") from exc
+        raise DestinationError(f"URL scheme {protocol!r} in {url!r} needs a package that is not installed: "
+                               f"{exc}") from exc
 
 
 @dataclass
@@ -107,21 +108,24 @@ class Destination:
             return self.path(name)
         return self.fs.unstrip_protocol(self.path(name))
 
-    # -- queries ---------------------------------------------------------------------------
-    def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
+    # -- queries (never answered from fsspec's listing cache: other processes write here) ------
+    def _fresh(self, name: str) -> str:
+        path = self.path(name)
+        if not self.is_local:
+            self.fs.invalidate_cache(path)  # drops cached listings of path and its parents
+        return path
 
     def size(self, name: str) -> int | None:
         try:
-            return int(self.fs.size(self.path(name)))
+            return int(self.fs.size(self._fresh(name)))
         except FileNotFoundError:
             return None
 
     def listdir(self, name: str = "") -> list[str]:
         """Base names directly under `name` ([] when it does not exist)."""
+        self._fresh(name)
         try:
-            entries = self.fs.ls(self.path(name), detail=False, refresh=True) if not self.is_local \
-                else self.fs.ls(self.path(name), detail=False)
+            entries = self.fs.ls(self.path(name), detail=False)
         except FileNotFoundError:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)

@@ -35,8 +35,8 @@ import multiprocessing
 import os
 import random
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import fsspec
 import numpy as np

@@ -17,9 +17,9 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from sharding.layout import IMAGE_KEYS, is_unsafe_member, split_member_name
 from sharding.manifest import Manifest, read_manifest
 from sharding.storage import Destination
-from sharding.layout import IMAGE_KEYS, is_unsafe_member, split_member_name
 
 Status = Literal["ok", "missing", "truncated", "altered"]
 STATUSES: tuple[Status, ...] = ("ok", "missing", "truncated", "altered")

@@ -110,9 +110,13 @@ def write_shard(source: Source, spec: ShardSpec, dest: Destination, image_option
             for item in spec.items:
                 try:
                     img = prepare_image(source.read(item), image_options)
-                except RejectedImage as exc:
+                except Exception as exc:  # one bad file never stops the job: it is listed as rejected
+                    reason = exc.reason if isinstance(exc, RejectedImage) else \
+                        f"unexpected decoder error: {type(exc).__name__}: {exc}"
+                    if not isinstance(exc, RejectedImage):
+                        log.warning("rejecting %s: %s", item.source, reason)
                     rejected_rows.append({"split": spec.split, "key": item.key, "source": item.source,
-                                          "reason": exc.reason, "stage": "decode"})
+                                          "reason": reason, "stage": "decode"})
                 else:
                     label_name = label_names[item.label]
                     add_sample(tar, item.key, {img.ext: img.data, "cls": str(item.label).encode(),

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from shardtest_helpers import build_photo_folder
+
+from tests.sharding.shardtest_helpers import build_photo_folder
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from shardtest_helpers import crop, real_photo, run_cli, save
 
 from sharding.manifest import read_manifest
 from sharding.plan import plan_shards
@@ -23,6 +22,7 @@ from sharding.sources import ImageFolderSource
 from sharding.storage import Destination
 from sharding.stream import MAX_CONSECUTIVE_BAD_SHARDS, make_eval_loader, make_train_loader
 from sharding.write import shard_source
+from tests.sharding.shardtest_helpers import crop, real_photo, run_cli, save
 
 
 def build_odd_folder(root: Path) -> None:

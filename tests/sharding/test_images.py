@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sharding.images import ImageOptions, RejectedImage, prepare_image
-from shardtest_helpers import crop, real_photo
+from tests.sharding.shardtest_helpers import crop, real_photo
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from shardtest_helpers import REPO, run_cli
 
 from sharding.plan import plan_shards
 from sharding.sources import DemoSource
 from sharding.storage import Destination
 from sharding.write import PlanMismatchError, finalize, prepare_destination, shard_source, write_shards
+from tests.sharding.shardtest_helpers import REPO, run_cli
 
 DEMO_ARGS = ["--demo-train", "600", "--demo-val", "0", "--demo-unseen", "0", "--demo-size", "24",
              "--shard-maxcount", "20", "--seed", "4"]
@@ -49,7 +49,8 @@ def assert_identical(a: Path, b: Path) -> None:
     _, mismatch, errors = filecmp.cmpfiles(a, b, shard_names(a), shallow=False)
     assert not mismatch and not errors
     for table in ("train-samples", "train-shards", "classes", "rejected"):
-        assert pq.read_table(a / "manifest" / f"{table}.parquet").equals(pq.read_table(b / "manifest" / f"{table}.parquet"))
+        name = f"manifest/{table}.parquet"
+        assert pq.read_table(a / name).equals(pq.read_table(b / name))
     assert (a / "manifest.json").read_text() == (b / "manifest.json").read_text()
 
 
@@ -102,3 +103,15 @@ def test_a_different_plan_is_refused_unless_overwrite(tmp_path, reference):
     manifest, _ = shard_source(other, dest, overwrite=True)
     assert shard_names(tmp_path) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert manifest.num_samples("train") == 50
+
+
+def test_cli_writes_a_range_of_shards_then_finishes(tmp_path):
+    args = ["shard", "demo", str(tmp_path), "--demo-train", "60", "--demo-val", "0", "--demo-unseen", "0",
+            "--demo-size", "16", "--shard-maxcount", "20", "--workers", "1", "--no-progress"]
+    first = run_cli(*args, "--shards", "1")
+    assert first.returncode == 0, first.stderr
+    assert "1 shards written" in first.stdout and "manifest not written yet: 2 of 3 shards" in first.stdout
+    assert shard_names(tmp_path) == ["train-000001.tar"] and not (tmp_path / "manifest.json").exists()
+    rest = run_cli(*args)
+    assert rest.returncode == 0 and "2 shards written, 1 already finished" in rest.stdout
+    assert (tmp_path / "manifest.json").exists()

@@ -6,12 +6,12 @@ import io
 import json
 import tarfile
 
+import fsspec
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from shardtest_helpers import crop, real_photo, save
 
 from sharding.images import ImageOptions
 from sharding.plan import plan_shards
@@ -19,7 +19,9 @@ from sharding.sources import ImageFolderSource
 from sharding.storage import Destination
 from sharding.stream import make_eval_loader
 from sharding.transforms import DEQUANTIZE_SCALE, ImageTransform
+from sharding.verify import verify_shards
 from sharding.write import shard_source
+from tests.sharding.shardtest_helpers import crop, real_photo, save
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,8 @@ def test_tar_headers_are_fixed(kept_shards):
 
 def test_eval_loader_pixels_match_numpy(tmp_path):
     """Square PNG crops at the training size: x must equal pixel/127.5 − 1 exactly (no resampling)."""
-    photos = {"astronaut": crop(real_photo("astronaut"), 0, 0, 24, 24), "camera": crop(real_photo("camera"), 50, 50, 24, 24)}
+    photos = {"astronaut": crop(real_photo("astronaut"), 0, 0, 24, 24),
+              "camera": crop(real_photo("camera"), 50, 50, 24, 24)}
     for name, arr in photos.items():
         save(tmp_path / "src" / name / f"{name}.png", arr, "PNG")
     plan = plan_shards(ImageFolderSource(tmp_path / "src"), shard_maxcount=10)
@@ -82,8 +85,22 @@ def test_eval_loader_pixels_match_numpy(tmp_path):
         assert labels[i].item() == ["astronaut", "camera"].index(name)
 
 
+def test_memory_destination_round_trip(photo_folder):
+    """fsspec's in-memory file system as DEST: write, manifest, verify and stream without local files."""
+    url = "memory://cscctrl-roundtrip/shards"
+    plan = plan_shards(ImageFolderSource(photo_folder), shard_maxcount=4)
+    manifest, _ = shard_source(plan, Destination(url))
+    assert manifest.shard_urls("train")[0].endswith("/cscctrl-roundtrip/shards/train-000000.tar")
+    assert verify_shards(url).ok
+    keys = [k for _, _, ks in make_eval_loader(url, "train", image_size=16, batch_size=5, num_workers=0,
+                                               with_keys=True) for k in ks]
+    assert sorted(keys) == sorted(manifest.samples("train").column("key").to_pylist())
+    fsspec.filesystem("memory").rm("/cscctrl-roundtrip", recursive=True)
+
+
 def test_resize_at_shard_stores_small_jpegs(photo_folder, tmp_path):
-    plan = plan_shards(ImageFolderSource(photo_folder), shard_maxcount=100, image_options=ImageOptions(resize=32, quality=80))
+    plan = plan_shards(ImageFolderSource(photo_folder), shard_maxcount=100,
+                       image_options=ImageOptions(resize=32, quality=80))
     manifest, _ = shard_source(plan, Destination(str(tmp_path)))
     rows = manifest.samples("train").to_pylist()
     assert all(min(r["width"], r["height"]) == 32 and r["ext"] == "jpg" and r["converted"] for r in rows)

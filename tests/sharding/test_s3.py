@@ -6,11 +6,11 @@ import os
 
 import fsspec
 import pytest
-from shardtest_helpers import run_cli
 
 from sharding.manifest import read_manifest
 from sharding.stream import make_eval_loader, make_train_loader
 from sharding.verify import verify_shards
+from tests.sharding.shardtest_helpers import run_cli
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
 

@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from shardtest_helpers import crop, real_photo, run_cli, save
 
 from sharding.manifest import read_manifest
 from sharding.sources import (DemoSource, FashionMNISTSource, ImageFolderSource, ImageNetSource, SourceError,
                               find_fashion_mnist, key_from_relpath, open_source, unique_keys)
+from tests.sharding.shardtest_helpers import crop, real_photo, run_cli, save
 
 WNIDS = {"n01440764": ("astronaut", "tench, Tinca tinca"), "n01443537": ("coffee", "goldfish, Carassius auratus"),
          "n01484850": ("chelsea", "great white shark, white shark")}
@@ -148,7 +148,7 @@ def test_symlink_loops_and_broken_links_are_listed_as_rejected(tmp_path):
 
 
 def test_demo_is_deterministic_and_crops_real_photos():
-    a, b = DemoSource(seed=5, train=12, val=6, unseen=8, size=24), DemoSource(seed=5, train=12, val=6, unseen=8, size=24)
+    a, b = (DemoSource(seed=5, train=12, val=6, unseen=8, size=24) for _ in range(2))
     la, lb = a.list(), b.list()
     assert la.splits == lb.splits
     assert [a.read(it) for it in la.splits["train"][:3]] == [b.read(it) for it in lb.splits["train"][:3]]

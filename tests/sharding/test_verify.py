@@ -5,9 +5,8 @@ import io
 import shutil
 import tarfile
 
-from shardtest_helpers import run_cli
-
 from sharding.verify import verify_shards
+from tests.sharding.shardtest_helpers import run_cli
 
 
 def test_intact_shards_verify_ok(demo_shards):
