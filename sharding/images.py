@@ -87,9 +87,6 @@ def _open_checked(data: bytes, max_pixels: int, draft_to: int | None = None) -> 
     """
     if len(data) == 0:
         raise RejectedImage("empty file (0 bytes)")
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        # Someone switched Pillow's global leniency on; truncated files would then decode silently.
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to validate images")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -114,6 +111,13 @@ def _open_checked(data: bytes, max_pixels: int, draft_to: int | None = None) -> 
     if im.width < 1 or im.height < 1:
         raise RejectedImage(f"degenerate size {im.width}x{im.height}")
     return im, size
+
+
+def check_pillow_is_strict() -> None:
+    """Validation relies on Pillow raising for truncated files; fail if that was switched off."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; truncated "
+                           "images would pass validation silently. Set it to False before sharding.")
 
 
 def _composite_over_white(im: Image.Image) -> Image.Image:

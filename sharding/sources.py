@@ -130,14 +130,14 @@ def unique_keys(relpaths: list[str], make_key=key_from_relpath) -> list[str]:
             for k, p in zip(keys, relpaths)]
 
 
-def _oserror_reason(exc: OSError) -> str:
+def _oserror_reason(exc: OSError, missing: str = "broken symlink (target missing)") -> str:
     if exc.errno == errno.ELOOP:
         return "symlink loop"
     if exc.errno == errno.ENOENT:
-        return "broken symlink (target missing)"
+        return missing
     if exc.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
-    return f"cannot stat: {exc.strerror or exc}"
+    return exc.strerror or str(exc)
 
 
 def scan_images(root: Path, start: Path) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
@@ -188,7 +188,7 @@ def _read_file(root: str, relpath: str) -> bytes:
         with open(os.path.join(root, relpath), "rb") as f:
             return f.read()
     except OSError as exc:
-        raise RejectedImage(f"cannot read file: {_oserror_reason(exc)}") from exc
+        raise RejectedImage(f"cannot read file: {_oserror_reason(exc, missing='file vanished since listing')}") from exc
 
 
 def _ordered(splits: dict[str, list[SourceItem]]) -> dict[str, list[SourceItem]]:

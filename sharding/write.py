@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sharding.images import ImageOptions, RejectedImage, prepare_image
+from sharding.images import ImageOptions, RejectedImage, check_pillow_is_strict, prepare_image
 from sharding.layout import SHARD_MTIME, TAR_FORMAT, TAR_MODE, TAR_OWNER, sample_json
 from sharding.manifest import SUMMARY_NAME, Manifest, read_manifest, write_manifest
 from sharding.plan import ShardPlan, ShardSpec
@@ -103,6 +103,7 @@ def add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> Non
 def write_shard(source: Source, spec: ShardSpec, dest: Destination, image_options: ImageOptions,
                 label_names: dict[int, str], on_sample=None) -> ShardResult:
     """Decode/convert every item of `spec`, write the tar atomically, return (and store) its record."""
+    check_pillow_is_strict()
     tmp = dest.local_tmp_path(spec.name)
     sample_rows, rejected_rows = [], []
     try:
@@ -187,12 +188,6 @@ def prepare_destination(plan: ShardPlan, dest: Destination, overwrite: bool = Fa
             sort_keys=True, indent=2).encode())
 
 
-def _write_task(source: Source, spec: ShardSpec, dest: Destination, image_options: ImageOptions,
-                label_names: dict[int, str]) -> ShardResult:
-    """Process-pool entry point: one whole shard."""
-    return write_shard(source, spec, dest, image_options, label_names)
-
-
 def write_shards(plan: ShardPlan, dest: Destination, indices=None, *, workers: int = 1,
                  progress: bool = False) -> WriteReport:
     """Write the shards `indices` of `plan` (default: all), skipping finished ones.
@@ -231,7 +226,8 @@ def write_shards(plan: ShardPlan, dest: Destination, indices=None, *, workers: i
         else:
             ctx = multiprocessing.get_context("spawn")  # fork is unsafe with fsspec's I/O threads
             with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
-                futures = {pool.submit(_write_task, plan.source, spec, dest, plan.image_options,
+                # Each task is one whole shard; only its own items travel to the worker.
+                futures = {pool.submit(write_shard, plan.source, spec, dest, plan.image_options,
                                        plan.label_names): spec for spec in todo}
                 for future in cf.as_completed(futures):
                     account(future.result())
