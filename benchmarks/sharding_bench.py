@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         f"batch {BATCH_SIZE}. Load average (1 min) before the run: {load_before:.1f} "
         "(other processes on the machine skew every number).",
         "",
-        "## Sharding (`shard_source`, plan + write + manifest)",
+        "## Sharding (`shard_source`: listing, plan, worker start-up, writing, manifest)",
         "",
         table(shard_rows, ["variant", "images", "s", "images/s", "source MB/s", "shard MB", "images/s per core"]),
         "",
