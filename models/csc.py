@@ -191,9 +191,16 @@ class CSCLayer(nn.Module):
     # ---- the unrolled solver ----
 
     def forward(self, x: Tensor) -> Tensor:
-        """Eq. (3): n unrolled proximal-gradient steps from z⁰ = 0. x (b, C, H, W) → z (b, M, H_z, W_z)."""
-        size = self._check_input(x)
-        self._prepare(size)
+        """Eq. (3): n unrolled proximal-gradient steps from z⁰ = 0. x (b, C, H, W) → z (b, M, H_z, W_z).
+        Brings atoms and step size up to date first (``prepare``)."""
+        self.prepare(self.check_input(x))
+        return self.solve(x)
+
+    def solve(self, x: Tensor) -> Tensor:
+        """Eq. (3) alone, for callers that ran ``prepare`` themselves: the encoder prepares all its layers
+        once per forward, so that under torch.compile its stages form one graph (``prepare`` is Python
+        bookkeeping that dynamo leaves out of the graph)."""
+        size = (int(x.shape[-2]), int(x.shape[-1]))
         eta = self.step_size
         shrink = 1.0 / (1.0 + self.mu * eta)  # 1 / (1 + μη)
         thresh = self.lam * eta  # λη: (λη/(1+μη)) · (1+μη), the shrinkage applied before scaling
@@ -214,7 +221,8 @@ class CSCLayer(nn.Module):
             t = t_next
         return z
 
-    def _check_input(self, x: Tensor) -> tuple[int, int]:
+    def check_input(self, x: Tensor) -> tuple[int, int]:
+        """Validate x (b, in_channels, H, W) with H, W + 2·padding ≥ kernel; return (H, W)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"CSCLayer expects x of shape (b, {self.in_channels}, H, W), got {tuple(x.shape)}")
         h, w = int(x.shape[-2]), int(x.shape[-1])
@@ -227,8 +235,10 @@ class CSCLayer(nn.Module):
     # ---- dictionary maintenance (outside autograd) ----
 
     @torch.compiler.disable  # Python-side bookkeeping: runs eagerly under torch.compile
-    def _prepare(self, size: tuple[int, int]) -> None:
-        """Bring atoms and L up to date before a forward. Only touches the weight if it changed."""
+    def prepare(self, size: tuple[int, int]) -> None:
+        """Bring atoms and L up to date for inputs of spatial ``size`` (H, W): a cold start if the size is
+        new, ``refresh()`` if the weight changed since the last refresh, else nothing. Only touches the
+        weight if it changed."""
         changed = self.weight._version != self._refreshed_version
         if size != self._input_size:
             if changed:
@@ -336,13 +346,18 @@ class SynthesisLayer(nn.Module):
                 f"padding={self.padding}{tied}")
 
     def forward(self, z: Tensor, out_size: int | tuple[int, int]) -> Tensor:
+        """x = A z with unit-norm atoms (projected first if they changed): z (b, M, h, w) → (b, C, *out_size)."""
         if z.dim() != 4 or z.shape[1] != self.num_atoms:
             raise ValueError(f"SynthesisLayer expects z of shape (b, {self.num_atoms}, h, w), got {tuple(z.shape)}")
-        self._prepare()
+        self.prepare()
+        return self.synthesize(z, out_size)
+
+    def synthesize(self, z: Tensor, out_size: int | tuple[int, int]) -> Tensor:
+        """A z alone, for callers that ran ``prepare`` themselves (the decoder, once per forward)."""
         return synthesize_with(z, self.dictionary, out_size, self.stride, self.padding)
 
     @torch.compiler.disable  # Python-side bookkeeping: runs eagerly under torch.compile
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
         """Project the atoms only if they changed since the last projection (never an unchanged weight)."""
         if self._tied_to is not None:
             if self._tied_to.weight._version != self._tied_to._refreshed_version:
@@ -355,7 +370,7 @@ class SynthesisLayer(nn.Module):
         """Unit-norm projection of the atoms. Tied: refreshes the owning CSCLayer, and only if its atoms
         changed since its own last refresh (the encoder's optimizer owns them)."""
         if self._tied_to is not None:
-            self._prepare()
+            self.prepare()
             return
         project_atoms_(self.weight)
         self._refreshed_version = self.weight._version

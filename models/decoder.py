@@ -15,6 +15,7 @@ Tied decoders then own only their BatchNorm affine parameters.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from models.config import ModelConfig
@@ -23,7 +24,8 @@ from models.encoder import CSCEncoder, encoder_widths
 
 
 class DecoderStage(nn.Module):
-    """Synthesis to an explicit output size → (BatchNorm → ReLU | Tanh)."""
+    """Synthesis to an explicit output size → (BatchNorm → ReLU | Tanh). The owning decoder prepares the
+    synthesis layer (unit-norm atoms) before calling it."""
 
     def __init__(self, synthesis: SynthesisLayer, out_size: int, last: bool) -> None:
         super().__init__()
@@ -33,7 +35,7 @@ class DecoderStage(nn.Module):
         self.act: nn.Module = nn.Tanh() if last else nn.ReLU()
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.act(self.norm(self.synthesis(z, self.out_size)))
+        return self.act(self.norm(self.synthesis.synthesize(z, self.out_size)))
 
 
 class CSCDecoder(nn.Module):
@@ -79,10 +81,17 @@ class CSCDecoder(nn.Module):
         """The synthesis layers in decoder order (1×1 → image)."""
         return [stage.synthesis for stage in self.stages]
 
+    @torch.compiler.disable  # Python-side bookkeeping, once per forward: the stages then form one graph
+    def prepare(self) -> None:
+        """Project every dictionary whose atoms changed (a tied one through its encoder layer)."""
+        for layer in self.synthesis_layers():
+            layer.prepare()
+
     def forward(self, z: Tensor) -> Tensor:
         """x̂ = g(z): z (b, nz) → x̂ (b, C, S, S) in [−1, 1]."""
         if z.dim() != 2 or z.shape[1] != self.cfg.nz:
             raise ValueError(f"decoder expects z of shape (b, {self.cfg.nz}), got {tuple(z.shape)}")
+        self.prepare()
         h = z[:, :, None, None]
         for stage in self.stages:
             h = stage(h)

@@ -11,6 +11,7 @@ The stage sizes come from ``ModelConfig.resolutions`` (32 → [32, 16, 8, 4]); �
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,7 +36,8 @@ def encoder_widths(cfg: ModelConfig, base: int) -> list[int]:
 
 
 class EncoderStage(nn.Module):
-    """CSC → (BatchNorm) → LeakyReLU(0.2); returns the activation and the sparse code."""
+    """CSC → (BatchNorm) → LeakyReLU(0.2); returns the activation and the sparse code. The owning encoder
+    prepares the CSC layer (atoms, step size) before calling it."""
 
     def __init__(self, csc: CSCLayer, batch_norm: bool) -> None:
         super().__init__()
@@ -44,7 +46,7 @@ class EncoderStage(nn.Module):
         self.act = nn.LeakyReLU(LEAKY_SLOPE)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        code = self.csc(x)
+        code = self.csc.solve(x)
         return self.act(self.norm(code)), code
 
 
@@ -80,14 +82,22 @@ class CSCEncoder(nn.Module):
         """z (b, nz) and the sparse code of every CSC stage (before BatchNorm/activation), input to output:
         [(b, ndf, S/2, S/2), …, (b, nz, 1, 1)], for sparsity metrics and pictures."""
         self._check_input(x)
+        self.prepare()
         codes = []
         h = x
         for stage in self.stages:
             h, code = stage(h)
             codes.append(code)
-        code = self.final(h)
+        code = self.final.solve(h)
         codes.append(code)
         return F.normalize(code.flatten(1), dim=1), codes
+
+    @torch.compiler.disable  # Python-side bookkeeping, once per forward: the stages then form one graph
+    def prepare(self) -> None:
+        """Bring every CSC layer's atoms and step size up to date for its input size (cfg.resolutions)."""
+        sizes = self.cfg.resolutions  # stage i reads resolutions[i]; the final stage reads resolutions[-1]
+        for layer, size in zip(self.csc_layers(), sizes[:-1] + sizes[-1:]):
+            layer.prepare((size, size))
 
     def _check_input(self, x: Tensor) -> None:
         c, s = self.cfg.in_channels, self.cfg.image_size

@@ -163,3 +163,36 @@ def test_ctrl_alternation_runs_and_keeps_dictionaries_unit_norm(dictionaries):
     assert all(isinstance(l, CSCLayer) for l in encoder.csc_layers())
     assert all(isinstance(l, SynthesisLayer) for l in decoder.synthesis_layers())
 
+
+
+def test_networks_refresh_changed_dictionaries_by_themselves():
+    """Without refresh_dictionaries after an optimizer step, the next forward of f (and of a tied g, whose
+    atoms are f's) projects the changed atoms and re-estimates the step sizes before computing."""
+    cfg = tiny(decoder_dictionaries="tied")
+    torch.manual_seed(6)
+    encoder, decoder = build_models(cfg)
+    x = images(cfg, b=4)
+    encoder(x).pow(2).sum().backward()
+    torch.optim.SGD(encoder.parameters(), lr=1.0).step()
+    layers = encoder.csc_layers()
+    before = [l.lipschitz.clone() for l in layers]
+    assert any(not torch.allclose(l.weight.flatten(1).norm(dim=1), torch.ones(l.num_atoms)) for l in layers)
+    decoder(torch.nn.functional.normalize(torch.randn(2, cfg.nz), dim=1))  # tied: projects f's atoms
+    for l in layers:
+        assert torch.allclose(l.weight.detach().flatten(1).norm(dim=1), torch.ones(l.num_atoms), atol=1e-6)
+    with torch.no_grad():
+        encoder(x)  # re-estimates L for the new atoms
+    assert all(not torch.equal(l.lipschitz, b) for l, b in zip(layers, before))
+
+
+def test_encoder_and_decoder_compile_to_one_graph_each():
+    """The per-forward bookkeeping (atoms, step sizes) runs before the traced region, so torch.compile sees
+    each network as one graph without breaks (per-layer breaks made dynamo recompile per stage)."""
+    cfg = tiny(decoder_dictionaries="tied")
+    torch.manual_seed(5)
+    encoder, decoder = build_models(cfg)
+    x = images(cfg)
+    for module, arg in ((encoder, x), (decoder, encoder(x).detach())):
+        explanation = torch._dynamo.explain(module)(arg)
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
