@@ -44,7 +44,8 @@ class ObjectiveConfig:
     """Weight of the extra R(Z) term (u-CTRL); 0 = off."""
 
     consistency_weight: float = 0.0
-    """λ₂ of the sample-wise consistency Σᵢ (1 − cos(zᵢ, ẑᵢ)); both players minimise it; 0 = off."""
+    """λ₂ of the sample-wise consistency Σᵢ (1 − cos(zᵢ, ẑᵢ)), a term of the game: the decoder minimises it,
+    the encoder maximises it (opposite signs for the two players); 0 = off."""
 
     num_classes: int = 0
     """Classes k for the multiclass objective; 0 = read from the shard manifest."""

@@ -81,7 +81,7 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
             data = dataclasses.replace(data, shards=ensure_demo_shards(storage))
         manifest = check_shards(data.shards, data.train_split, cfg.model.image_size)
         if objective.mode == "multiclass" and not objective.num_classes:
-            objective = dataclasses.replace(objective, num_classes=manifest.num_classes)
+            objective = dataclasses.replace(objective, num_classes=manifest.num_classes_in(data.train_split))
     if objective.mode == "multiclass" and objective.num_classes < 2:
         raise ConfigError(f"objective.mode=multiclass needs at least 2 classes; got {objective.num_classes}")
     cfg = dataclasses.replace(cfg, data=data, objective=objective)

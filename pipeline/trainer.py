@@ -4,7 +4,7 @@
     encoder f (θ) maximises, decoder g (η) minimises the game value T:
         binary:      T = ΔR(Z, Ẑ)
         multiclass:  T = ΔR(Z|Π) + ΔR(Ẑ|Π) + Σⱼ ΔR(Zⱼ, Ẑⱼ)
-        (+ rate_weight · R(Z); both players also minimise λ₂ Σᵢ (1 − cos(zᵢ, ẑᵢ)))
+        (+ rate_weight · R(Z) + λ₂ Σᵢ (1 − cos(zᵢ, ẑᵢ)), the sample-wise consistency)
 
 Three levels, each a screen: ``fit`` → ``train_step`` → ``encoder_step`` / ``decoder_step``.
 The sign is flipped in exactly one place: ``player_loss``. Rate reduction is a statistic of the
@@ -63,13 +63,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def player_loss(terms: CTRLTerms, player: str, consistency_weight: float) -> Tensor:
-    """The only sign flip of the game: f ascends T (minimises −T), g descends T (minimises +T).
-    The sample-wise consistency λ₂ Σᵢ d(zᵢ, ẑᵢ) is minimised by both players."""
+    """The only sign flip of the game: f ascends, g descends  T + λ₂ Σᵢ d(zᵢ, ẑᵢ),  d = 1 − cos.
+
+    The sample-wise consistency is a term of the game like the ΔR terms, so it enters the two players'
+    losses with opposite signs (REFERENCE.md §5): g pulls each ẑᵢ onto its zᵢ, f keeps them apart."""
     sign = -1.0 if player == "encoder" else 1.0
-    loss = sign * terms.objective
+    value = terms.objective
     if consistency_weight:
-        loss = loss + consistency_weight * terms.consistency
-    return loss
+        value = value + consistency_weight * terms.consistency
+    return sign * value
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

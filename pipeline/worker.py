@@ -108,7 +108,7 @@ def resolve_num_classes(cfg: ExperimentConfig) -> int:
         return 10
     from sharding.manifest import read_manifest
 
-    return read_manifest(cfg.data.shards).num_classes
+    return read_manifest(cfg.data.shards).num_classes_in(cfg.data.train_split)
 
 
 def synthetic_batches(cfg: ExperimentConfig, device: torch.device, num_classes: int = 10) -> Iterator[tuple[Tensor, Tensor]]:

@@ -44,8 +44,8 @@ def test_sign_is_flipped_once():
 
     assert player_loss(T, "encoder", 0.0).item() == -2.0
     assert player_loss(T, "decoder", 0.0).item() == 2.0
-    # both players minimise the consistency term
-    assert player_loss(T, "encoder", 1.0).item() == -1.5
+    # the consistency term is part of the game: opposite signs for the two players
+    assert player_loss(T, "encoder", 1.0).item() == -2.5
     assert player_loss(T, "decoder", 1.0).item() == 2.5
 
 
