@@ -1,4 +1,5 @@
-"""Pure-torch CSC-CTRL math: CSC layers, encoder/decoder, rate reduction, the CTRL objective. No Ray, MLflow, WebDataset or file I/O.
+"""Pure-torch CSC-CTRL math: CSC layers, encoder/decoder, rate reduction, the CTRL objective.
+No Ray, MLflow, WebDataset or file I/O.
 
 Builders (the only place a ModelConfig becomes modules):
     build_encoder(cfg) -> CSCEncoder            f

@@ -36,7 +36,9 @@ by power iteration on AᵀA outside autograd: a cold start (``power_iters`` step
 and a warm start (``power_iters_warm`` fixed steps, no host synchronisation) in ``refresh()`` after the
 dictionary changed. ``forward`` refreshes by itself when the weight's autograd version counter moved
 (an optimizer step or ``load_state_dict`` bumps it) and never touches an unchanged weight, so the layer
-can be applied twice in one autograd graph (Z = f(X) and Ẑ = f(X̂)).
+can be applied twice in one autograd graph (Z = f(X) and Ẑ = f(X̂)). The encoder and decoder run this
+bookkeeping (``prepare``) for all their layers at the top of their forward and then call the pure tensor
+parts (``solve``, ``synthesize``), so torch.compile sees each network as one graph.
 """
 from __future__ import annotations
 

@@ -23,8 +23,13 @@ def np_rate(rows: np.ndarray, eps_sq: float) -> float:
 def np_terms(z: np.ndarray, zh: np.ndarray, labels: np.ndarray, k: int, eps_sq: float) -> dict[str, float]:
     """CTRL (Entropy 2022) eq. 13-15, transcribed from the definitions on the samples themselves."""
     n = len(z)
-    rc = lambda rows: sum(np.sum(labels == j) / n * np_rate(rows[labels == j], eps_sq) for j in range(k))  # noqa: E731
-    pair = lambda a, b: np_rate(np.concatenate([a, b]), eps_sq) - 0.5 * np_rate(a, eps_sq) - 0.5 * np_rate(b, eps_sq)  # noqa: E731,E501
+
+    def rc(rows):
+        return sum(np.sum(labels == j) / n * np_rate(rows[labels == j], eps_sq) for j in range(k))
+
+    def pair(a, b):
+        return np_rate(np.concatenate([a, b]), eps_sq) - 0.5 * np_rate(a, eps_sq) - 0.5 * np_rate(b, eps_sq)
+
     return {
         "delta_r_z": np_rate(z, eps_sq) - rc(z),
         "delta_r_zhat": np_rate(zh, eps_sq) - rc(zh),
