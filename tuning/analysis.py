@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.config import ExperimentConfig, diff_from_defaults, load_config
 from tuning.callbacks import LAST_CHECKPOINT_KEY, format_value, nonzero_fraction, short_label, trial_status
-from tuning.spaces import Dimension, overrides_from_trial
+from tuning.spaces import Dimension, decode_trial, overrides_from_trial
 
 PLOT_FILE = "metric_vs_lam_n.png"
 TABLE_FILE = "trials.csv"
@@ -36,6 +36,7 @@ class TrialRow:
     run_name: str
     status: str                     # done | stopped | error | running | pending
     point: dict[str, Any]           # {dotted config path: value} this trial applied
+    searched: dict[str, Any] = field(default_factory=dict)   # {dimension key: drawn value}
     metrics: dict[str, float] = field(default_factory=dict)  # its last report (numbers only)
     error: str = ""
     checkpoint: str = ""
@@ -61,16 +62,16 @@ def rows_from_trials(trials: Sequence[Any], dims: Sequence[Dimension], total_ste
         metrics = {k: float(v) for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         try:
-            point = overrides_from_trial(t.config, dims)
+            searched, point = decode_trial(t.config, dims), overrides_from_trial(t.config, dims)
         except ValueError:
-            point = {}
+            searched, point = {}, {}
         error = ""
         if t.status == "ERROR":
             err = t.get_error()
             error = _last_line(str(err)) if err is not None else "error"
         rows.append(TrialRow(trial_id=t.trial_id, run_name=run_name_of(t.trial_id),
                              status=trial_status(t.status, metrics.get("train/step", math.nan), total_steps),
-                             point=point, metrics=metrics, error=error,
+                             point=point, searched=searched, metrics=metrics, error=error,
                              checkpoint=str(result.get(LAST_CHECKPOINT_KEY, ""))))
     return rows
 
@@ -120,16 +121,16 @@ def stage_keys(rows: Sequence[TrialRow]) -> list[str]:
 
 
 def table_records(rows: Sequence[TrialRow], dims: Sequence[Dimension], metric: str, mode: str) -> list[dict[str, Any]]:
-    """One flat record per trial: ids, status, swept values, metric, per-stage sparsity, Pareto flag."""
+    """One flat record per trial: ids, status, searched values (one column per dimension), metric,
+    per-stage sparsity, Pareto flag."""
     front = {r.trial_id for r in pareto_front(rows, metric, mode)}
-    paths = list(dict.fromkeys(d.path for d in dims))
     extra = [k for k in ("eval/psnr", "eval/ssim", "train/recon_psnr") if k != metric]
     records = []
     for r in rows:
         rec: dict[str, Any] = {"trial_id": r.trial_id, "run_name": r.run_name, "status": r.status}
-        for p in paths:
-            v = r.point.get(p)
-            rec[p] = list(v) if isinstance(v, tuple) else v
+        for d in dims:
+            v = r.searched.get(d.key)
+            rec[d.key] = list(v) if isinstance(v, tuple) else v
         rec["step"] = None if math.isnan(r.step) else int(r.step)
         rec[metric] = _num(r.value(metric))
         for k in extra:
@@ -170,10 +171,10 @@ def records_columns(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]
 
 
 def effective_lam(row: TrialRow, base: ExperimentConfig) -> float:
-    """λ of a trial: its model.lam, or the mean of its per-stage λ (from the point, else the base)."""
+    """λ of a trial: the largest of its per-stage λ (what a ``scale`` sweep sets), else its model.lam."""
     lams = row.point.get("model.lam_per_stage", base.model.lam_per_stage)
     if lams:
-        return sum(lams) / len(lams)
+        return float(max(lams))
     return float(row.point.get("model.lam", base.model.lam))
 
 
@@ -199,7 +200,7 @@ def plot_tradeoff(rows: Sequence[TrialRow], metric: str, mode: str, base: Experi
         if stopped:  # early-stopped trials: their metric is from an earlier step
             ax_lam.scatter(*zip(*stopped), facecolors="white", edgecolors=line.get_color(), zorder=3)
     ax_lam.set_xscale("symlog", linthresh=0.01)
-    ax_lam.set_xlabel("λ (mean over stages when per-stage)")
+    ax_lam.set_xlabel("λ (largest stage λ when per-stage)")
     ax_lam.set_ylabel(metric)
     ax_lam.set_title(f"{metric} against λ and unroll steps n")
     if done:
@@ -269,7 +270,7 @@ def summary_text(rows: Sequence[TrialRow], best: TrialRow | None, metric: str, s
     if best is None:
         lines.append(f"[cscctrl] no finished trial reported a finite {metric}")
     else:
-        values = ", ".join(f"{short_label(k)}={format_value(v)}" for k, v in best.point.items())
+        values = ", ".join(f"{short_label(k)}={format_value(v)}" for k, v in best.searched.items())
         lines.append(f"[cscctrl] best trial {best.trial_id} ({values}): {metric} = {best.value(metric):.4f}, "
                      f"non-zero codes {format_value(best.nonzero)}")
         lines.append(f"[cscctrl]   run {best.run_name}; checkpoint {best.checkpoint or '-'}")

@@ -22,7 +22,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from tuning.spaces import Dimension, overrides_from_trial
+from tuning.spaces import Dimension, decode_trial
 
 REFRESH_S = 30.0  # seconds between tables while only results (no status changes) arrive
 LAST_CHECKPOINT_KEY = "sweep/last_checkpoint"  # path of the newest checkpoint of the trial's run
@@ -64,10 +64,10 @@ def complete_report(report: dict[str, Any], carry: Sequence[str], previous: dict
 
 def short_label(key: str) -> str:
     """Column label of a swept key: λ and n as in the paper, else the key without its section."""
-    if key == "model.lam":
+    if key in ("model.lam", "model.lam_per_stage:scale"):
         return "λ"
-    if key.startswith("model.lam_per_stage"):
-        return "λ" + key[len("model.lam_per_stage"):]
+    if key.startswith("model.lam_per_stage:"):
+        return f"λ{key.rsplit(':', 1)[1]}"
     if key == "model.n_steps":
         return "n"
     return key.split(".", 1)[1]
@@ -129,12 +129,11 @@ class TrialTable(Callback):
         for t in trials:
             result = t.last_result or {}
             step = float(result.get("train/step", math.nan))
-            config = {k: t.config.get(k) for k in keys if k in t.config}
             try:
-                point = overrides_from_trial(config, self.dims)
+                searched = decode_trial(t.config, self.dims)
             except ValueError:
-                point = {}
-            values = [format_value(_element(point, k)) for k in keys]
+                searched = {}
+            values = [format_value(searched.get(k)) for k in keys]
             rows.append([t.trial_id, trial_status(t.status, step, self.total_steps), *values,
                          format_value(step if math.isnan(step) else int(step)),
                          format_value(float(result.get(self.metric, math.nan))),
@@ -163,12 +162,3 @@ class TrialTable(Callback):
         state["_last_print"] = 0.0
         state["_statuses"] = {}
         return state
-
-
-def _element(point: dict[str, Any], key: str) -> Any:
-    """The value of a swept key in a decoded point (``key[i]`` -> element i of the tuple)."""
-    if "[" in key:
-        path, index = key.split("[", 1)
-        value = point.get(path)
-        return value[int(index.rstrip("]"))] if value is not None else None
-    return point.get(key)

@@ -13,11 +13,18 @@ A spec is a one-key mapping (the YAML form):
     {randint: [lo, hi]}          integer drawn uniformly from lo, lo+1, ..., hi-1 (hi exclusive)
     {each: spec}                 a tuple-valued key (model.lam_per_stage): one independent draw of
     {each: [spec1, spec2, ...]}  spec per element, or one spec per element
+    {scale: spec}                a tuple of numbers: the base config's tuple times s / max(tuple),
+                                 s drawn from spec (its largest element becomes s, ratios kept)
 
-``each`` turns one key into one Tune parameter per element, named ``key[i]``; the sweep driver
-reassembles the tuple before applying it. Values that are not scalars (the Adam betas pair, a λ
-profile) travel through Tune and Optuna as their literal text ("[0.5, 0.999]") and are parsed back
-with the CLI's own parser, since Optuna's categorical parameters hold only scalars.
+``each`` turns one key into one Tune parameter per element, named ``key:i``; ``scale`` into one,
+named ``key:scale`` (names MLflow and Optuna accept); the sweep driver rebuilds the tuple before applying it. Values that are not
+scalars (the Adam betas pair) travel through Tune and Optuna as their literal text ("[0.5, 0.999]")
+and are parsed back with the CLI's own parser, since Optuna's categorical parameters hold only scalars.
+
+The global sparsity λ: every model preset sets ``model.lam_per_stage`` (stage 2, whose input is the
+un-normalised stage-1 code, gets λ/20), and a per-stage λ replaces ``model.lam``. So the λ presets sweep
+``model.lam_per_stage: {scale: ...}`` — the preset's profile with its largest λ set to each level — and a
+space that sweeps ``model.lam`` while the base has a per-stage λ is refused (it would change nothing).
 
 Named presets are functions returning a space in this form; ``resolve_space`` accepts a preset name,
 a list of names (their union), or a mapping.
@@ -56,23 +63,34 @@ class SpaceError(ConfigError):
 class Dimension:
     """One searched parameter: ``kind`` with ``values`` (grid/choice) or ``bounds`` (the ranges).
 
-    ``key`` is the Tune parameter name: the dotted config path, or ``path[i]`` for an element of a
-    tuple-valued key swept with ``each``.
+    ``key`` is the Tune parameter name: the dotted config path, ``path:i`` for an element of a
+    tuple-valued key swept with ``each``, or ``path:scale`` for a tuple swept with ``scale``, whose
+    ``profile`` is the base tuple divided by its largest element.
     """
 
     key: str
     kind: Kind
     values: tuple[Any, ...] = ()
     bounds: tuple[float, float] = (0.0, 0.0)
+    profile: tuple[float, ...] = ()
 
     @property
     def path(self) -> str:
-        """The config path this dimension sets (``model.lam_per_stage`` for ``model.lam_per_stage[1]``)."""
-        return self.key.split("[", 1)[0]
+        """The config path this dimension sets (``model.lam_per_stage`` for ``model.lam_per_stage:1``)."""
+        return self.key.split(":", 1)[0]
 
     @property
     def index(self) -> int | None:
-        return int(self.key.split("[", 1)[1].rstrip("]")) if "[" in self.key else None
+        inner = self.key.split(":", 1)[1] if ":" in self.key else ""
+        return int(inner) if inner.isdigit() else None
+
+    @property
+    def is_scale(self) -> bool:
+        return bool(self.profile)
+
+    def scaled(self, s: float) -> tuple[float, ...]:
+        """profile × s: the tuple whose largest element is s."""
+        return tuple(float(s) * p for p in self.profile)
 
     @property
     def discrete(self) -> bool:
@@ -89,9 +107,11 @@ class Dimension:
         return [float(lo), float(hi)]
 
     def describe(self) -> str:
-        if self.discrete:
-            return f"{self.kind} {list(self.values)}"
-        return f"{self.kind} [{self.bounds[0]:g}, {self.bounds[1]:g}]"
+        text = (f"{self.kind} {list(self.values)}" if self.discrete
+                else f"{self.kind} [{self.bounds[0]:g}, {self.bounds[1]:g}]")
+        if self.is_scale:
+            text += " × (" + ", ".join(f"{p:g}" for p in self.profile) + ")"
+        return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +128,7 @@ def _parse_spec(key: str, spec: Any) -> Dimension:
     (kind, arg), = spec.items()
     if kind not in KINDS:
         raise SpaceError(f"search space key '{key}': unknown distribution '{kind}'; expected one of "
-                         f"{', '.join(KINDS)}, or each")
+                         f"{', '.join(KINDS)}, or each / scale")
     if not isinstance(arg, (list, tuple)):
         raise SpaceError(f"search space key '{key}': {kind} takes a list, got {arg!r}")
     if kind in DISCRETE_KINDS:
@@ -157,11 +177,28 @@ def parse_space(raw: Mapping[str, Any], base: ExperimentConfig | None = None) ->
         _check_key(key, tree)
         if isinstance(spec, Mapping) and set(spec) == {"each"}:
             dims.extend(_parse_each(key, spec["each"], base))
+        elif isinstance(spec, Mapping) and set(spec) == {"scale"}:
+            dims.append(_parse_scale(key, spec["scale"], base))
         else:
             dims.append(_parse_spec(key, spec))
     for dim in dims:
         _check_values(dim, tree, base)
+    _check_lam_is_used(dims, base)
     return dims
+
+
+def _check_lam_is_used(dims: Sequence[Dimension], base: ExperimentConfig) -> None:
+    """A per-stage λ replaces model.lam (models/config.py stage_lams), so sweeping model.lam over a base
+    with one would train every trial with the same λ."""
+    paths = {d.path for d in dims}
+    if "model.lam" in paths and "model.lam_per_stage" not in paths and base.model.lam_per_stage:
+        source = f" (from model.preset={base.model.preset})" if base.model.preset else ""
+        raise SpaceError(
+            f"search space key 'model.lam' would change nothing: the base config sets model.lam_per_stage="
+            f"{list(base.model.lam_per_stage)}{source}, which replaces model.lam. Sweep the per-stage λ instead: "
+            f"model.lam_per_stage: {{scale: {{grid: [...]}}}} (the same profile, its largest λ set to each "
+            f"value; what the sparsity presets do), or add model.lam_per_stage: [] to base to use one λ on "
+            f"every stage")
 
 
 def _check_key(key: str, tree: dict[str, Any]) -> None:
@@ -191,7 +228,7 @@ def _tuple_length(key: str, base: ExperimentConfig) -> int:
     args = typing.get_args(tp)
     if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
         return len(args)
-    raise SpaceError(f"search space key '{key}': 'each' needs a tuple-valued key of known length "
+    raise SpaceError(f"search space key '{key}': 'each' and 'scale' need a tuple-valued key of known length "
                      f"(model.lam_per_stage, optim.encoder.betas, ...); {key} is {tp}")
 
 
@@ -201,13 +238,32 @@ def _parse_each(key: str, inner: Any, base: ExperimentConfig) -> list[Dimension]
     if len(specs) != n:
         raise SpaceError(f"search space key '{key}': 'each' lists {len(specs)} specs but the key has {n} "
                          f"elements{' (CSC stages of the base model)' if key == 'model.lam_per_stage' else ''}")
-    return [_parse_spec(f"{key}[{i}]", s) for i, s in enumerate(specs)]
+    return [_parse_spec(f"{key}:{i}", s) for i, s in enumerate(specs)]
+
+
+def _parse_scale(key: str, inner: Any, base: ExperimentConfig) -> Dimension:
+    dim = _parse_spec(f"{key}:scale", inner)
+    _tuple_length(key, base)
+    current = base.model.stage_lams() if key == "model.lam_per_stage" else getattr_path(base, key)
+    if not current or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in current):
+        raise SpaceError(f"search space key '{key}': 'scale' needs a tuple of numbers in the base config, "
+                         f"got {current!r}")
+    top = max(current)
+    if top <= 0:
+        raise SpaceError(f"search space key '{key}': 'scale' keeps the ratios of the base tuple {list(current)}, "
+                         f"which has no positive element to scale")
+    return Dimension(dim.key, dim.kind, values=dim.values, bounds=dim.bounds,
+                     profile=tuple(float(v) / top for v in current))
 
 
 def _check_values(dim: Dimension, tree: dict[str, Any], base: ExperimentConfig) -> None:
     """Every listed value (or both ends of a range) must give a valid ExperimentConfig."""
     for value in dim.probe_values():
-        if dim.index is not None:
+        if dim.is_scale:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SpaceError(f"search space key '{dim.key}': scale values must be numbers, got {value!r}")
+            value = dim.scaled(value)
+        elif dim.index is not None:
             current = list(getattr_path(base, dim.path))
             if len(current) != _tuple_length(dim.path, base):
                 current = [value] * _tuple_length(dim.path, base)
@@ -286,20 +342,30 @@ def grid_size(dims: Sequence[Dimension], search: str) -> int:
     return math.prod(len(d.values) for d in crossed)
 
 
-def overrides_from_trial(config: Mapping[str, Any], dims: Sequence[Dimension]) -> dict[str, Any]:
-    """A trial's sampled ``config`` -> ``{dotted path: value}`` for ``apply_overrides``: literal texts
-    parsed back, ``key[i]`` elements reassembled into the tuple of ``key``."""
+def decode_trial(config: Mapping[str, Any], dims: Sequence[Dimension]) -> dict[str, Any]:
+    """A trial's sampled ``config`` -> ``{dimension key: value}``, literal texts parsed back."""
     out: dict[str, Any] = {}
-    elements: dict[str, dict[int, Any]] = {}
     for d in dims:
         if d.key not in config:
             raise SpaceError(f"trial config has no value for '{d.key}' (keys: {', '.join(config)})")
         value = config[d.key]
         if isinstance(value, str) and d.discrete and not all(isinstance(v, str) for v in d.values):
             value = parse_override(f"{d.key}={value}")[1]
-        if isinstance(value, list):
-            value = tuple(value)
-        if d.index is None:
+        out[d.key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def overrides_from_trial(config: Mapping[str, Any], dims: Sequence[Dimension]) -> dict[str, Any]:
+    """A trial's sampled ``config`` -> ``{dotted path: value}`` for ``apply_overrides``: literal texts
+    parsed back, ``key:i`` elements reassembled into the tuple of ``key``, ``key:scale`` expanded."""
+    decoded = decode_trial(config, dims)
+    out: dict[str, Any] = {}
+    elements: dict[str, dict[int, Any]] = {}
+    for d in dims:
+        value = decoded[d.key]
+        if d.is_scale:
+            out[d.path] = d.scaled(value)
+        elif d.index is None:
             out[d.path] = value
         else:
             elements.setdefault(d.path, {})[d.index] = value
@@ -314,8 +380,8 @@ def overrides_from_trial(config: Mapping[str, Any], dims: Sequence[Dimension]) -
 
 
 def sparsity() -> dict[str, Any]:
-    """λ of every CSC layer over the levels of REFERENCE.md §6."""
-    return {"model.lam": {"grid": list(LAMBDA_LEVELS)}}
+    """λ over the levels of REFERENCE.md §6 (the base's per-stage profile, its largest λ at each level)."""
+    return {"model.lam_per_stage": {"scale": {"grid": list(LAMBDA_LEVELS)}}}
 
 
 def sparsity_per_stage() -> dict[str, Any]:
@@ -330,7 +396,8 @@ def unroll() -> dict[str, Any]:
 
 def sparsity_unroll() -> dict[str, Any]:
     """λ × n: the reconstruction-versus-sparsity trade-off against the unrolling depth."""
-    return {"model.lam": {"grid": list(LAMBDA_LEVELS)}, "model.n_steps": {"grid": list(UNROLL_STEPS)}}
+    return {"model.lam_per_stage": {"scale": {"grid": list(LAMBDA_LEVELS)}},
+            "model.n_steps": {"grid": list(UNROLL_STEPS)}}
 
 
 def dictionaries() -> dict[str, Any]:
@@ -359,8 +426,9 @@ def optimization() -> dict[str, Any]:
 
 def full() -> dict[str, Any]:
     """Everything REFERENCE.md §6 lists, with λ and n as choices (meant for search: optuna)."""
-    space = {"model.lam": {"choice": list(LAMBDA_LEVELS)}, "model.n_steps": {"choice": list(UNROLL_STEPS)},
-             "model.solver": {"choice": ["fista", "ista"]}}
+    space: dict[str, Any] = {"model.lam_per_stage": {"scale": {"choice": list(LAMBDA_LEVELS)}},
+                             "model.n_steps": {"choice": list(UNROLL_STEPS)},
+                             "model.solver": {"choice": ["fista", "ista"]}}
     for preset in (dictionaries, architecture, optimization):
         space.update({k: {"choice": v["grid"]} if "grid" in v else v for k, v in preset().items()})
     return space

@@ -56,12 +56,12 @@ def test_every_key_of_every_bundled_sweep_file_is_a_real_config_path():
 
 def test_presets_cover_what_reference_section_6_sweeps():
     keys = {k for f in PRESETS.values() for k in f()}
-    for key in ("model.lam", "model.lam_per_stage", "model.n_steps", "model.solver", "model.nonneg",
+    for key in ("model.lam_per_stage", "model.n_steps", "model.solver", "model.nonneg",
                 "model.decoder_dictionaries", "model.ndf", "model.nz", "objective.eps_sq", "optim.encoder.lr",
                 "optim.decoder.lr", "optim.encoder.betas", "optim.decoder.betas",
                 "train.encoder_steps_per_decoder_step", "train.batch_size_per_worker"):
         assert key in keys, key
-    assert PRESETS["sparsity"]()["model.lam"]["grid"] == [0.0, 0.01, 0.05, 0.1, 0.2, 0.5]
+    assert PRESETS["sparsity"]()["model.lam_per_stage"]["scale"]["grid"] == [0.0, 0.01, 0.05, 0.1, 0.2, 0.5]
     assert PRESETS["unroll"]()["model.n_steps"]["grid"] == [1, 2, 3, 5]
 
 
@@ -95,7 +95,12 @@ def test_presets_cover_what_reference_section_6_sweeps():
     ({"tracking.experiment": {"grid": ["a"]}}, "tracking.* section"),
     ({"model.preset": {"grid": ["csc_ctrl_32"]}}, "a preset is resolved once"),
     ({"model.lam_per_stage": {"each": [{"grid": [0.1]}, {"grid": [0.2]}]}}, "lists 2 specs but the key has 4"),
-    ({"model.lam": {"each": {"grid": [0.1]}}}, "'each' needs a tuple-valued key"),
+    ({"model.lam": {"each": {"grid": [0.1]}}}, "need a tuple-valued key"),
+    ({"model.lam": {"scale": {"grid": [0.1]}}}, "need a tuple-valued key"),
+    ({"model.lam_per_stage": {"scale": {"grid": ["a"]}}}, "scale values must be numbers"),
+    ({"model.lam_per_stage": {"scale": {"uniform": [-0.5, 0.5]}}}, "rejected by the config"),
+    ({"model.lam": {"grid": [0.0, 0.1]}}, "'model.lam' would change nothing: the base config sets "
+                                         "model.lam_per_stage=[0.1, 0.005, 0.1, 0.1] (from model.preset=csc_ctrl_debug)"),
     ({}, "the search space is empty"),
 ])
 def test_bad_space_definitions_fail_naming_the_key(raw, fragment):
@@ -103,6 +108,29 @@ def test_bad_space_definitions_fail_naming_the_key(raw, fragment):
     with pytest.raises(SpaceError) as e:
         parse_space(raw, base)
     assert fragment in str(e.value)
+
+
+def test_scale_keeps_the_base_profile():
+    """model.lam_per_stage:scale = s: the base's per-stage λ times s / its largest λ (checked by hand)."""
+    preset = load_config(None, {"model.preset": "csc_ctrl_debug"})
+    profile = preset.model.lam_per_stage
+    top = max(profile)
+    dims = parse_space(PRESETS["sparsity"](), preset)
+    assert [d.key for d in dims] == ["model.lam_per_stage:scale"]
+    for s in (0.0, 0.01, 0.5):
+        point = overrides_from_trial({"model.lam_per_stage:scale": s}, dims)
+        assert point["model.lam_per_stage"] == pytest.approx(tuple(v * s / top for v in profile))
+        assert max(point["model.lam_per_stage"]) == pytest.approx(s)
+    assert overrides_from_trial({"model.lam_per_stage:scale": 0.5}, dims)["model.lam_per_stage"][1] == pytest.approx(0.025)
+    # one λ on every stage when the base has no per-stage λ
+    uniform = load_config(None, {"model.preset": "csc_ctrl_debug", "model.lam_per_stage": []})
+    dims = parse_space(PRESETS["sparsity"](), uniform)
+    assert overrides_from_trial({"model.lam_per_stage:scale": 0.2}, dims) == {"model.lam_per_stage": (0.2,) * 4}
+    # model.lam is fine once the base has no per-stage λ
+    parse_space({"model.lam": {"grid": [0.0, 0.1]}}, uniform)
+    with pytest.raises(SpaceError, match="no positive element to scale"):
+        parse_space(PRESETS["sparsity"](), load_config(None, {"model.preset": "csc_ctrl_debug",
+                                                              "model.lam_per_stage": [0.0] * 4}))
 
 
 def test_bad_space_from_yaml_text():
@@ -114,10 +142,10 @@ def test_bad_space_from_yaml_text():
 def test_unknown_and_overlapping_presets():
     with pytest.raises(SpaceError, match="unknown search space preset 'sparsityy'.*sparsity_unroll"):
         resolve_space("sparsityy")
-    with pytest.raises(SpaceError, match="both set 'model.lam'"):
+    with pytest.raises(SpaceError, match="both set 'model.lam_per_stage'"):
         resolve_space(["sparsity", "sparsity_unroll"])
     union = resolve_space(["sparsity", "unroll"])
-    assert set(union) == {"model.lam", "model.n_steps", "model.solver"}
+    assert set(union) == {"model.lam_per_stage", "model.n_steps", "model.solver"}
 
 
 def test_grid_search_needs_discrete_keys():
@@ -201,6 +229,6 @@ def test_optuna_accepts_every_preset_space():
 
 def test_each_with_one_spec_per_element():
     dims = parse_space({"optim.encoder.betas": {"each": [{"uniform": [0.0, 0.9]}, {"choice": [0.9, 0.999]}]}})
-    assert [d.key for d in dims] == ["optim.encoder.betas[0]", "optim.encoder.betas[1]"]
-    point = overrides_from_trial({"optim.encoder.betas[0]": 0.3, "optim.encoder.betas[1]": 0.999}, dims)
+    assert [d.key for d in dims] == ["optim.encoder.betas:0", "optim.encoder.betas:1"]
+    point = overrides_from_trial({"optim.encoder.betas:0": 0.3, "optim.encoder.betas:1": 0.999}, dims)
     assert point == {"optim.encoder.betas": (0.3, 0.999)}
