@@ -124,9 +124,14 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every nn.BatchNorm2d in ``module`` (recursively, in place) by GlobalBatchNorm2d,
-    keeping parameters and running statistics."""
+def convert_batchnorm(module: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """Global-batch BatchNorm for every nn.BatchNorm2d in ``module`` (in place, keeping parameters and
+    running statistics): torch's fused ``nn.SyncBatchNorm`` on CUDA, ``GlobalBatchNorm2d`` elsewhere.
+
+    Both follow the gradient convention above: SyncBatchNorm's backward sums the incoming gradients over
+    ranks, exactly like the autograd all-reduce of GlobalBatchNorm2d's moments."""
+    if device is not None and device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):
             new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
@@ -134,7 +139,7 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:
-            convert_batchnorm(child)
+            convert_batchnorm(child, device)
     return module
 
 

@@ -144,6 +144,8 @@ def feature_accuracy(train: EvalResult, test: EvalResult, num_classes: int) -> d
     """k-NN and nearest-subspace accuracy of z (train features as the reference set)."""
     if train.features is None or test.features is None:
         return {}
+    if not set(test.labels.unique().tolist()) <= set(train.labels.unique().tolist()):
+        return {}  # classes never seen in the reference split (e.g. the demo's unseen photos)
     k = min(20, len(train.features))
     r = max(1, min(train.features.shape[1] // max(1, num_classes), 12))
     return {
