@@ -30,6 +30,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +147,19 @@ class SweepSpec:
 # ----------------------------------------------------------------------------------------------
 
 
+class SweepLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: PyYAML follows YAML 1.1, where 1e-5 (no dot) is a string."""
+
+
+SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def read_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=SweepLoader)  # a SafeLoader: plain data only
+
+
 def resolve_sweep_path(path: str | Path) -> Path:
     """A sweep file path, or the bare name of one in configs/sweeps/ ('debug' -> configs/sweeps/debug.yaml)."""
     p = Path(path)
@@ -181,7 +195,7 @@ def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -
     tree: dict[str, Any] = {}
     if path:
         p = resolve_sweep_path(path)
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml_text(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: a sweep file is a mapping (name, base, space, search, ...)")
         tree = data
@@ -200,7 +214,7 @@ def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -
 
 def _yaml_value(raw: str) -> Any:
     try:
-        return yaml.safe_load(raw)
+        return read_yaml_text(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot read {raw!r} as a value: {e}") from None
 

@@ -31,6 +31,16 @@ def test_defaults_file_then_command_line(tmp_path):
     assert spec.search == "optuna" and spec.metric == "eval/psnr" and spec.mode == "max"  # defaults
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-5 as a string; sweep files read it as the number users mean."""
+    f = write(tmp_path, "space:\n  optim.encoder.lr: {loguniform: [1e-5, 1E-3]}\nbase:\n  optim.decoder.lr: 2e-4\n")
+    spec = load_sweep(f)
+    assert spec.space == {"optim.encoder.lr": {"loguniform": [1e-5, 1e-3]}}
+    assert spec.base == {"optim.decoder.lr": 2e-4}
+    assert load_sweep(None, ["space={optim.encoder.lr: {loguniform: [1e-5, 1e-3]}}"]).space == {
+        "optim.encoder.lr": {"loguniform": [1e-5, 1e-3]}}
+
+
 def test_bundled_sweep_files_load():
     files = sorted(SWEEP_DIR.glob("*.yaml"))
     assert {f.stem for f in files} >= {"debug", "sparsity_unroll"}
