@@ -38,8 +38,16 @@ class ModelConfig:
     lam: float = 0.1
     """Sparsity weight λ of every CSC layer (SDNet default 0.1)."""
 
+    stage2_lam_scale: float = 0.05
+    """Multiplier of λ on encoder stage 2. Stage 2 reads stage 1's raw code (REFERENCE.md §3 puts no
+    BatchNorm after stage 1), whose size is about η₁·|Aᵀx|, 20-30x below the unit scale of the other
+    stages' inputs; the threshold λη is absolute, so with the full λ stage 2 keeps 0.1-2 % of its code at
+    initialisation and many images map to z = 0. With λ/20 it keeps about 40 %, like the other stages
+    (tests/models/test_presets.py measures both on real photos). 1.0 = the same λ everywhere."""
+
     lam_per_stage: tuple[float, ...] = ()
-    """Optional λ per encoder stage (one value per CSC stage, the last 1×1 stage included); () = use lam."""
+    """Optional explicit λ per encoder stage (one value per CSC stage, the last 1×1 stage included);
+    () = lam on every stage, times stage2_lam_scale on stage 2."""
 
     mu: float = 0.0
     """Elastic-net weight μ of every CSC layer (0 = plain ℓ₁)."""
@@ -72,6 +80,8 @@ class ModelConfig:
             raise ValueError(f"model.ngf={self.ngf}: must be >= 0 (0 = same as ndf)")
         if self.lam < 0 or any(v < 0 for v in self.lam_per_stage):
             raise ValueError(f"model.lam / model.lam_per_stage must be >= 0, got {self.lam} / {self.lam_per_stage}")
+        if self.stage2_lam_scale < 0:
+            raise ValueError(f"model.stage2_lam_scale={self.stage2_lam_scale}: must be >= 0")
         if self.mu < 0:
             raise ValueError(f"model.mu={self.mu}: must be >= 0")
         if self.lam_per_stage and len(self.lam_per_stage) != self.num_stages:
@@ -95,7 +105,10 @@ class ModelConfig:
         return len(self.resolutions)
 
     def stage_lams(self) -> list[float]:
-        return list(self.lam_per_stage) if self.lam_per_stage else [self.lam] * self.num_stages
+        """λ of each encoder stage: lam_per_stage if given, else lam (× stage2_lam_scale on stage 2)."""
+        if self.lam_per_stage:
+            return list(self.lam_per_stage)
+        return [self.lam * (self.stage2_lam_scale if i == 1 else 1.0) for i in range(self.num_stages)]
 
     @property
     def decoder_width(self) -> int:

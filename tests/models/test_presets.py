@@ -14,7 +14,7 @@ from models.config import ModelConfig
 from models.ctrl import ctrl_objective, ctrl_statistics
 from models.decoder import CSCDecoder
 from models.encoder import CSCEncoder
-from models.presets import LAM, STAGE2_LAM, UnknownPresetError, register_preset
+from models.presets import LAM, UnknownPresetError, register_preset
 
 # name: (image_size, ndf, nz, decoder dictionaries, channels after each halving stage)
 DOCUMENTED = {
@@ -63,8 +63,10 @@ def test_register_preset_rejects_duplicates():
 def test_stage_lams_lower_only_stage_two():
     for name in DOCUMENTED:
         cfg = preset_config(name)
-        assert cfg.stage_lams() == [LAM] + [STAGE2_LAM] + [LAM] * (cfg.num_stages - 2)
-    assert STAGE2_LAM == LAM / 20
+        assert cfg.stage_lams() == pytest.approx([LAM] + [LAM / 20] + [LAM] * (cfg.num_stages - 2))
+        # a global λ override still reaches every stage (the sweeps rely on it)
+        bigger = dataclasses.replace(cfg, lam=0.2)
+        assert bigger.stage_lams() == pytest.approx([0.2, 0.01] + [0.2] * (cfg.num_stages - 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,10 +104,10 @@ def test_every_stage_is_alive_at_init_on_real_photos(name):
 
 
 def test_uniform_lambda_kills_stage_two_of_the_prototype():
-    """Why STAGE2_LAM exists: with λ = 0.1 on every stage, stage 2 (fed by stage 1's un-normalised code)
+    """Why ModelConfig.stage2_lam_scale exists: with λ = 0.1 on every stage, stage 2 (fed by stage 1's un-normalised code)
     is almost entirely thresholded away and most crops get z = 0. If this test starts failing, the
-    architecture changed (e.g. BatchNorm after stage 1) and STAGE2_LAM may no longer be needed."""
-    cfg = dataclasses.replace(preset_config("csc_ctrl_prototype32"), lam_per_stage=())
+    architecture changed (e.g. BatchNorm after stage 1) and the scale may no longer be needed."""
+    cfg = dataclasses.replace(preset_config("csc_ctrl_prototype32"), stage2_lam_scale=1.0)
     z, densities = stage_densities(cfg, photo_crops(32))
     assert densities[1] < 0.01
     assert (z.norm(dim=1) < 0.5).sum() > 4
