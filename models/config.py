@@ -55,6 +55,11 @@ class ModelConfig:
     nonneg: bool = True
     """Non-negative codes (ReLU proximal map), as SDNet's DictBlock."""
 
+    nonneg_features: bool = True
+    """Non-negativity of the final 1×1 stage's code, i.e. of z before normalisation (applies only when
+    nonneg is true). True keeps every CSC stage alike (REFERENCE.md §2 defaults); False lets the features
+    use the whole sphere instead of its positive orthant."""
+
     solver: Literal["fista", "ista"] = "fista"
     """Unrolled solver: FISTA momentum from step 3 on, or plain ISTA."""
 

@@ -23,11 +23,11 @@ LEAKY_SLOPE = 0.2
 
 
 def make_csc_layer(cfg: ModelConfig, in_channels: int, num_atoms: int, kernel_size: int, stride: int,
-                   padding: int, lam: float) -> CSCLayer:
+                   padding: int, lam: float, nonneg: bool | None = None) -> CSCLayer:
     """A CSCLayer with the solver settings of ``cfg`` (the one place they are read)."""
     return CSCLayer(in_channels, num_atoms, kernel_size, stride, padding, n_steps=cfg.n_steps, lam=lam,
-                    mu=cfg.mu, nonneg=cfg.nonneg, solver=cfg.solver, power_iters=cfg.power_iters,
-                    power_iters_warm=cfg.power_iters_warm)
+                    mu=cfg.mu, nonneg=cfg.nonneg if nonneg is None else nonneg, solver=cfg.solver,
+                    power_iters=cfg.power_iters, power_iters_warm=cfg.power_iters_warm)
 
 
 def encoder_widths(cfg: ModelConfig, base: int) -> list[int]:
@@ -68,7 +68,7 @@ class CSCEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         # Valid kernel of the remaining side: (final, final) → 1×1 with nz atoms.
         self.final = make_csc_layer(cfg, channels, cfg.nz, kernel_size=resolutions[-1], stride=1, padding=0,
-                                    lam=lams[-1])
+                                    lam=lams[-1], nonneg=cfg.nonneg and cfg.nonneg_features)
 
     def csc_layers(self) -> list[CSCLayer]:
         """The CSC layers in input-to-output order (the halving stages, then the final 1×1 stage)."""

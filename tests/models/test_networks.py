@@ -196,3 +196,15 @@ def test_encoder_and_decoder_compile_to_one_graph_each():
         explanation = torch._dynamo.explain(module)(arg)
         assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
     torch._dynamo.reset()
+
+
+def test_nonneg_features_switch_reaches_only_the_final_stage():
+    from models.config import ModelConfig
+    from models.encoder import CSCEncoder
+
+    enc = CSCEncoder(ModelConfig(image_size=32, ndf=4, nz=8, nonneg_features=False))
+    layers = enc.csc_layers()
+    assert all(layer.nonneg for layer in layers[:-1]) and not layers[-1].nonneg
+    torch.manual_seed(0)
+    z = enc(torch.rand(16, 3, 32, 32) * 2 - 1)
+    assert (z < 0).any()  # signed features: the whole sphere, not its positive orthant
