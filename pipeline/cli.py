@@ -1,7 +1,7 @@
 """`cscctrl`: one console script, one subcommand per stage of the pipeline.
 
 Each subcommand lives in the module that owns it and exposes ``add_arguments(parser)`` and
-``main(args) -> int``; this file only wires them, importing a module when its command runs so that
+``main(args) -> int``; this file only wires them, importing a module only when its command runs, so that
 `cscctrl --help` stays fast.
 """
 from __future__ import annotations
@@ -27,20 +27,6 @@ Method: X. Dai et al., "Closed-Loop Transcription via Convolutional Sparse Codin
 """
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    """Commands whose module is importable-by-spec in this checkout (later issues add more)."""
-    out = {}
-    for name, (module, help_) in COMMANDS.items():
-        if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None:
-            continue
-        try:
-            if importlib.util.find_spec(module) is not None:
-                out[name] = (module, help_)
-        except ModuleNotFoundError:
-            continue
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cscctrl",
@@ -50,12 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_) in _available().items():
-        p = sub.add_parser(name, help=help_, description=help_,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(_module=module)
-        # The module adds its own arguments only when it is the command being run or asked for help.
-        p.set_defaults(_needs_args=True)
+    for name, (_, help_) in COMMANDS.items():
+        # Listed for the top-level help; a command's own arguments are added when it runs (main).
+        sub.add_parser(name, help=help_, description=help_)
     return parser
 
 
@@ -64,14 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Find the subcommand first so only its module is imported.
     command = next((a for a in argv if not a.startswith("-")), None)
-    available = _available()
-    if command is None or command not in available:
-        if command is not None and not command.startswith("-"):
-            parser.error(f"unknown command {command!r}; choose from: {', '.join(available)}")
+    if command is None or command not in COMMANDS:
+        if command is not None:
+            parser.error(f"unknown command {command!r}; choose from: {', '.join(COMMANDS)}")
         parser.print_help()
         return 0 if ("-h" in argv or "--help" in argv or not argv) else 2
-    module = importlib.import_module(available[command][0])
-    sub = argparse.ArgumentParser(prog=f"cscctrl {command}", description=available[command][1],
+    module = importlib.import_module(COMMANDS[command][0])
+    sub = argparse.ArgumentParser(prog=f"cscctrl {command}", description=COMMANDS[command][1],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
     args = sub.parse_args(argv[argv.index(command) + 1:])
