@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tuning.spaces import Dimension, decode_trial, overrides_from_trial
 
 PLOT_FILE = "metric_vs_lam_n.png"
 TABLE_FILE = "trials.csv"
+TABLE_JSON_FILE = "trials.json"
 BEST_CONFIG_FILE = "best_config.yaml"
 
 
@@ -160,9 +162,12 @@ def records_csv(records: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def records_columns(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """Column-oriented form (MLflow's ``log_table`` takes {column: values})."""
-    return {k: [rec[k] for rec in records] for k in (records[0] if records else {})}
+def records_json(records: Sequence[Mapping[str, Any]]) -> str:
+    """The table as {"columns": [...], "data": [[...], ...]} (pandas' "split" layout, which MLflow's
+    table artifacts use). Written whole each time: ``MlflowClient.log_table`` would append the rows of a
+    resumed sweep to those of its interrupted summary."""
+    columns = list(records[0]) if records else []
+    return json.dumps({"columns": columns, "data": [[rec[k] for k in columns] for rec in records]}, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +176,7 @@ def records_columns(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]
 
 
 def effective_lam(row: TrialRow, base: ExperimentConfig) -> float:
-    """λ of a trial: the largest of its per-stage λ (what a ``scale`` sweep sets), else its model.lam."""
+    """λ of a trial: its model.lam, or the largest of its per-stage λ when it has them."""
     lams = row.point.get("model.lam_per_stage", base.model.lam_per_stage)
     if lams:
         return float(max(lams))

@@ -64,7 +64,7 @@ def complete_report(report: dict[str, Any], carry: Sequence[str], previous: dict
 
 def short_label(key: str) -> str:
     """Column label of a swept key: λ and n as in the paper, else the key without its section."""
-    if key in ("model.lam", "model.lam_per_stage:scale"):
+    if key == "model.lam":
         return "λ"
     if key.startswith("model.lam_per_stage:"):
         return f"λ{key.rsplit(':', 1)[1]}"

@@ -13,18 +13,15 @@ A spec is a one-key mapping (the YAML form):
     {randint: [lo, hi]}          integer drawn uniformly from lo, lo+1, ..., hi-1 (hi exclusive)
     {each: spec}                 a tuple-valued key (model.lam_per_stage): one independent draw of
     {each: [spec1, spec2, ...]}  spec per element, or one spec per element
-    {scale: spec}                a tuple of numbers: the base config's tuple times s / max(tuple),
-                                 s drawn from spec (its largest element becomes s, ratios kept)
 
-``each`` turns one key into one Tune parameter per element, named ``key:i``; ``scale`` into one,
-named ``key:scale`` (names MLflow and Optuna accept); the sweep driver rebuilds the tuple before applying it. Values that are not
-scalars (the Adam betas pair) travel through Tune and Optuna as their literal text ("[0.5, 0.999]")
-and are parsed back with the CLI's own parser, since Optuna's categorical parameters hold only scalars.
+``each`` turns one key into one Tune parameter per element, named ``key:i`` (a name MLflow and Optuna
+accept); the sweep driver reassembles the tuple before applying it. Values that are not scalars (the
+Adam betas pair) travel through Tune and Optuna as their literal text ("[0.5, 0.999]") and are parsed
+back with the CLI's own parser, since Optuna's categorical parameters hold only scalars.
 
-The global sparsity λ: every model preset sets ``model.lam_per_stage`` (stage 2, whose input is the
-un-normalised stage-1 code, gets λ/20), and a per-stage λ replaces ``model.lam``. So the λ presets sweep
-``model.lam_per_stage: {scale: ...}`` — the preset's profile with its largest λ set to each level — and a
-space that sweeps ``model.lam`` while the base has a per-stage λ is refused (it would change nothing).
+λ: ``model.lam`` is the global sparsity weight (stage 2 gets ``model.stage2_lam_scale`` times it); an
+explicit ``model.lam_per_stage`` replaces it, so a space that sweeps ``model.lam`` over a base with a
+per-stage λ is refused (every trial would train with the same λ).
 
 Named presets are functions returning a space in this form; ``resolve_space`` accepts a preset name,
 a list of names (their union), or a mapping.
@@ -63,16 +60,14 @@ class SpaceError(ConfigError):
 class Dimension:
     """One searched parameter: ``kind`` with ``values`` (grid/choice) or ``bounds`` (the ranges).
 
-    ``key`` is the Tune parameter name: the dotted config path, ``path:i`` for an element of a
-    tuple-valued key swept with ``each``, or ``path:scale`` for a tuple swept with ``scale``, whose
-    ``profile`` is the base tuple divided by its largest element.
+    ``key`` is the Tune parameter name: the dotted config path, or ``path:i`` for element i of a
+    tuple-valued key swept with ``each``.
     """
 
     key: str
     kind: Kind
     values: tuple[Any, ...] = ()
     bounds: tuple[float, float] = (0.0, 0.0)
-    profile: tuple[float, ...] = ()
 
     @property
     def path(self) -> str:
@@ -81,16 +76,7 @@ class Dimension:
 
     @property
     def index(self) -> int | None:
-        inner = self.key.split(":", 1)[1] if ":" in self.key else ""
-        return int(inner) if inner.isdigit() else None
-
-    @property
-    def is_scale(self) -> bool:
-        return bool(self.profile)
-
-    def scaled(self, s: float) -> tuple[float, ...]:
-        """profile × s: the tuple whose largest element is s."""
-        return tuple(float(s) * p for p in self.profile)
+        return int(self.key.split(":", 1)[1]) if ":" in self.key else None
 
     @property
     def discrete(self) -> bool:
@@ -107,11 +93,9 @@ class Dimension:
         return [float(lo), float(hi)]
 
     def describe(self) -> str:
-        text = (f"{self.kind} {list(self.values)}" if self.discrete
-                else f"{self.kind} [{self.bounds[0]:g}, {self.bounds[1]:g}]")
-        if self.is_scale:
-            text += " × (" + ", ".join(f"{p:g}" for p in self.profile) + ")"
-        return text
+        if self.discrete:
+            return f"{self.kind} {list(self.values)}"
+        return f"{self.kind} [{self.bounds[0]:g}, {self.bounds[1]:g}]"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +112,7 @@ def _parse_spec(key: str, spec: Any) -> Dimension:
     (kind, arg), = spec.items()
     if kind not in KINDS:
         raise SpaceError(f"search space key '{key}': unknown distribution '{kind}'; expected one of "
-                         f"{', '.join(KINDS)}, or each / scale")
+                         f"{', '.join(KINDS)}, or each")
     if not isinstance(arg, (list, tuple)):
         raise SpaceError(f"search space key '{key}': {kind} takes a list, got {arg!r}")
     if kind in DISCRETE_KINDS:
@@ -177,8 +161,6 @@ def parse_space(raw: Mapping[str, Any], base: ExperimentConfig | None = None) ->
         _check_key(key, tree)
         if isinstance(spec, Mapping) and set(spec) == {"each"}:
             dims.extend(_parse_each(key, spec["each"], base))
-        elif isinstance(spec, Mapping) and set(spec) == {"scale"}:
-            dims.append(_parse_scale(key, spec["scale"], base))
         else:
             dims.append(_parse_spec(key, spec))
     for dim in dims:
@@ -195,10 +177,8 @@ def _check_lam_is_used(dims: Sequence[Dimension], base: ExperimentConfig) -> Non
         source = f" (from model.preset={base.model.preset})" if base.model.preset else ""
         raise SpaceError(
             f"search space key 'model.lam' would change nothing: the base config sets model.lam_per_stage="
-            f"{list(base.model.lam_per_stage)}{source}, which replaces model.lam. Sweep the per-stage λ instead: "
-            f"model.lam_per_stage: {{scale: {{grid: [...]}}}} (the same profile, its largest λ set to each "
-            f"value; what the sparsity presets do), or add model.lam_per_stage: [] to base to use one λ on "
-            f"every stage")
+            f"{list(base.model.lam_per_stage)}{source}, which replaces model.lam. Sweep model.lam_per_stage "
+            f"instead (e.g. {{each: {{choice: [...]}}}}), or add model.lam_per_stage: [] to base")
 
 
 def _check_key(key: str, tree: dict[str, Any]) -> None:
@@ -228,7 +208,7 @@ def _tuple_length(key: str, base: ExperimentConfig) -> int:
     args = typing.get_args(tp)
     if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
         return len(args)
-    raise SpaceError(f"search space key '{key}': 'each' and 'scale' need a tuple-valued key of known length "
+    raise SpaceError(f"search space key '{key}': 'each' needs a tuple-valued key of known length "
                      f"(model.lam_per_stage, optim.encoder.betas, ...); {key} is {tp}")
 
 
@@ -241,29 +221,10 @@ def _parse_each(key: str, inner: Any, base: ExperimentConfig) -> list[Dimension]
     return [_parse_spec(f"{key}:{i}", s) for i, s in enumerate(specs)]
 
 
-def _parse_scale(key: str, inner: Any, base: ExperimentConfig) -> Dimension:
-    dim = _parse_spec(f"{key}:scale", inner)
-    _tuple_length(key, base)
-    current = base.model.stage_lams() if key == "model.lam_per_stage" else getattr_path(base, key)
-    if not current or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in current):
-        raise SpaceError(f"search space key '{key}': 'scale' needs a tuple of numbers in the base config, "
-                         f"got {current!r}")
-    top = max(current)
-    if top <= 0:
-        raise SpaceError(f"search space key '{key}': 'scale' keeps the ratios of the base tuple {list(current)}, "
-                         f"which has no positive element to scale")
-    return Dimension(dim.key, dim.kind, values=dim.values, bounds=dim.bounds,
-                     profile=tuple(float(v) / top for v in current))
-
-
 def _check_values(dim: Dimension, tree: dict[str, Any], base: ExperimentConfig) -> None:
     """Every listed value (or both ends of a range) must give a valid ExperimentConfig."""
     for value in dim.probe_values():
-        if dim.is_scale:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SpaceError(f"search space key '{dim.key}': scale values must be numbers, got {value!r}")
-            value = dim.scaled(value)
-        elif dim.index is not None:
+        if dim.index is not None:
             current = list(getattr_path(base, dim.path))
             if len(current) != _tuple_length(dim.path, base):
                 current = [value] * _tuple_length(dim.path, base)
@@ -357,15 +318,13 @@ def decode_trial(config: Mapping[str, Any], dims: Sequence[Dimension]) -> dict[s
 
 def overrides_from_trial(config: Mapping[str, Any], dims: Sequence[Dimension]) -> dict[str, Any]:
     """A trial's sampled ``config`` -> ``{dotted path: value}`` for ``apply_overrides``: literal texts
-    parsed back, ``key:i`` elements reassembled into the tuple of ``key``, ``key:scale`` expanded."""
+    parsed back, ``key:i`` elements reassembled into the tuple of ``key``."""
     decoded = decode_trial(config, dims)
     out: dict[str, Any] = {}
     elements: dict[str, dict[int, Any]] = {}
     for d in dims:
         value = decoded[d.key]
-        if d.is_scale:
-            out[d.path] = d.scaled(value)
-        elif d.index is None:
+        if d.index is None:
             out[d.path] = value
         else:
             elements.setdefault(d.path, {})[d.index] = value
@@ -380,8 +339,8 @@ def overrides_from_trial(config: Mapping[str, Any], dims: Sequence[Dimension]) -
 
 
 def sparsity() -> dict[str, Any]:
-    """λ over the levels of REFERENCE.md §6 (the base's per-stage profile, its largest λ at each level)."""
-    return {"model.lam_per_stage": {"scale": {"grid": list(LAMBDA_LEVELS)}}}
+    """The global λ over the levels of REFERENCE.md §6 (stage 2 keeps its model.stage2_lam_scale)."""
+    return {"model.lam": {"grid": list(LAMBDA_LEVELS)}}
 
 
 def sparsity_per_stage() -> dict[str, Any]:
@@ -396,8 +355,7 @@ def unroll() -> dict[str, Any]:
 
 def sparsity_unroll() -> dict[str, Any]:
     """λ × n: the reconstruction-versus-sparsity trade-off against the unrolling depth."""
-    return {"model.lam_per_stage": {"scale": {"grid": list(LAMBDA_LEVELS)}},
-            "model.n_steps": {"grid": list(UNROLL_STEPS)}}
+    return {"model.lam": {"grid": list(LAMBDA_LEVELS)}, "model.n_steps": {"grid": list(UNROLL_STEPS)}}
 
 
 def dictionaries() -> dict[str, Any]:
@@ -426,7 +384,7 @@ def optimization() -> dict[str, Any]:
 
 def full() -> dict[str, Any]:
     """Everything REFERENCE.md §6 lists, with λ and n as choices (meant for search: optuna)."""
-    space: dict[str, Any] = {"model.lam_per_stage": {"scale": {"choice": list(LAMBDA_LEVELS)}},
+    space: dict[str, Any] = {"model.lam": {"choice": list(LAMBDA_LEVELS)},
                              "model.n_steps": {"choice": list(UNROLL_STEPS)},
                              "model.solver": {"choice": ["fista", "ista"]}}
     for preset in (dictionaries, architecture, optimization):

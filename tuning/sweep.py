@@ -51,12 +51,12 @@ examples:
   cscctrl tune -c sparsity_unroll data.shards=/data/fmnist-shards
   cscctrl tune space=unroll search=grid scheduler=none train.steps=300
   cscctrl tune -c sparsity_unroll resources.num_workers=4 resources.use_gpu=true resources.gpus_per_worker=1
-  cscctrl tune -c debug --print-plan                     # the resolved sweep, trial count, concurrency
+  cscctrl tune -c debug --print-plan                     # the resolved sweep and trial count, no Ray
 
 key=value items whose first part is a config section (model, objective, optim, train, data, run, tracking)
 override the trials' base config; any other key sets a field of the sweep file (name, space, search,
 num_samples, metric, mode, scheduler, asha.*, max_concurrent_trials, max_failures, seed, resources.*).
-Running the same sweep again resumes it. Space presets: see tuning/spaces.py and docs/tuning.md.
+Running the same sweep again resumes it. Space presets: {presets} (tuning/spaces.py, docs/tuning.md).
 """
 
 
@@ -114,7 +114,9 @@ class SweepOutcome:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = HELP_EPILOG
+    from tuning.spaces import PRESETS
+
+    p.epilog = HELP_EPILOG.format(presets=", ".join(PRESETS))
     p.add_argument("-c", "--config", help="sweep YAML file (or the name of one in configs/sweeps/)")
     p.add_argument("items", nargs="*", metavar="key=value",
                    help="config overrides for the trials (section.key=value) or sweep fields (num_samples=4)")
@@ -251,13 +253,15 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def init_ray(worker_logs: bool) -> None:
-    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`), else start a local one."""
+    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`; RAY_ADDRESS=auto joins the
+    cluster `ray start` last started here), else start a local one. Not Ray's own default, which joins
+    whatever /tmp/ray/ray_current_cluster names and waits forever when that cluster is gone."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our table replaces Tune's own progress output
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=worker_logs,
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=worker_logs,
              runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}})
 
 
@@ -377,6 +381,7 @@ def summarize(plan: SweepPlan, tracker: Any) -> SweepOutcome:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / analysis.TABLE_FILE).write_text(analysis.records_csv(records))
+        (out / analysis.TABLE_JSON_FILE).write_text(analysis.records_json(records))
         analysis.plot_tradeoff(rows, s.metric, s.mode, plan.base, out / analysis.PLOT_FILE)
         if best is not None:
             header = (f"Best trial of sweep {plan.name}: {best.trial_id} (run {best.run_name}), "
@@ -385,7 +390,7 @@ def summarize(plan: SweepPlan, tracker: Any) -> SweepOutcome:
                 analysis.best_config_yaml(s.config, s.base, best.point, header))
             best_config_path = f"{plan.summary_dir}/{analysis.BEST_CONFIG_FILE}"
         copy_summary(out, plan.summary_dir)
-        log_summary(tracker, out, records, best, s.metric, complete)
+        log_summary(tracker, out, best, s.metric, complete)
     update_children(tracker, rows)
     print(analysis.summary_text(rows, best, s.metric, plan.name, parent_run_id=tracker.run_id,
                                 tracking_uri=tracker.uri, best_config_path=best_config_path, complete=complete),
@@ -404,13 +409,10 @@ def copy_summary(src: Path, dest: str) -> None:
         fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
 
 
-def log_summary(tracker: Any, files: Path, records: list[dict[str, Any]], best: analysis.TrialRow | None,
-                metric: str, complete: bool) -> None:
+def log_summary(tracker: Any, files: Path, best: analysis.TrialRow | None, metric: str, complete: bool) -> None:
     client, run_id = tracker.client, tracker.run_id
-    for f in sorted(files.iterdir()):
+    for f in sorted(files.iterdir()):  # replaces the files of an earlier (interrupted) summary
         client.log_artifact(run_id, str(f), "sweep")
-    if records:
-        client.log_table(run_id, data=analysis.records_columns(records), artifact_file="sweep/trials.json")
     tags = {"cscctrl.sweep.complete": str(complete).lower()}
     if best is not None:
         tags.update({"cscctrl.sweep.best_trial": best.trial_id, "cscctrl.sweep.best_run_name": best.run_name})

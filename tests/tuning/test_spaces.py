@@ -56,12 +56,12 @@ def test_every_key_of_every_bundled_sweep_file_is_a_real_config_path():
 
 def test_presets_cover_what_reference_section_6_sweeps():
     keys = {k for f in PRESETS.values() for k in f()}
-    for key in ("model.lam_per_stage", "model.n_steps", "model.solver", "model.nonneg",
+    for key in ("model.lam", "model.lam_per_stage", "model.n_steps", "model.solver", "model.nonneg",
                 "model.decoder_dictionaries", "model.ndf", "model.nz", "objective.eps_sq", "optim.encoder.lr",
                 "optim.decoder.lr", "optim.encoder.betas", "optim.decoder.betas",
                 "train.encoder_steps_per_decoder_step", "train.batch_size_per_worker"):
         assert key in keys, key
-    assert PRESETS["sparsity"]()["model.lam_per_stage"]["scale"]["grid"] == [0.0, 0.01, 0.05, 0.1, 0.2, 0.5]
+    assert PRESETS["sparsity"]()["model.lam"]["grid"] == [0.0, 0.01, 0.05, 0.1, 0.2, 0.5]
     assert PRESETS["unroll"]()["model.n_steps"]["grid"] == [1, 2, 3, 5]
 
 
@@ -95,12 +95,8 @@ def test_presets_cover_what_reference_section_6_sweeps():
     ({"tracking.experiment": {"grid": ["a"]}}, "tracking.* section"),
     ({"model.preset": {"grid": ["csc_ctrl_32"]}}, "a preset is resolved once"),
     ({"model.lam_per_stage": {"each": [{"grid": [0.1]}, {"grid": [0.2]}]}}, "lists 2 specs but the key has 4"),
-    ({"model.lam": {"each": {"grid": [0.1]}}}, "need a tuple-valued key"),
-    ({"model.lam": {"scale": {"grid": [0.1]}}}, "need a tuple-valued key"),
-    ({"model.lam_per_stage": {"scale": {"grid": ["a"]}}}, "scale values must be numbers"),
-    ({"model.lam_per_stage": {"scale": {"uniform": [-0.5, 0.5]}}}, "rejected by the config"),
-    ({"model.lam": {"grid": [0.0, 0.1]}}, "'model.lam' would change nothing: the base config sets "
-                                         "model.lam_per_stage=[0.1, 0.005, 0.1, 0.1] (from model.preset=csc_ctrl_debug)"),
+    ({"model.lam": {"each": {"grid": [0.1]}}}, "'each' needs a tuple-valued key"),
+    ({"model.lam_per_stage": {"each": {"uniform": [-0.5, 0.5]}}}, "rejected by the config"),
     ({}, "the search space is empty"),
 ])
 def test_bad_space_definitions_fail_naming_the_key(raw, fragment):
@@ -110,27 +106,13 @@ def test_bad_space_definitions_fail_naming_the_key(raw, fragment):
     assert fragment in str(e.value)
 
 
-def test_scale_keeps_the_base_profile():
-    """model.lam_per_stage:scale = s: the base's per-stage λ times s / its largest λ (checked by hand)."""
-    preset = load_config(None, {"model.preset": "csc_ctrl_debug"})
-    profile = preset.model.lam_per_stage
-    top = max(profile)
-    dims = parse_space(PRESETS["sparsity"](), preset)
-    assert [d.key for d in dims] == ["model.lam_per_stage:scale"]
-    for s in (0.0, 0.01, 0.5):
-        point = overrides_from_trial({"model.lam_per_stage:scale": s}, dims)
-        assert point["model.lam_per_stage"] == pytest.approx(tuple(v * s / top for v in profile))
-        assert max(point["model.lam_per_stage"]) == pytest.approx(s)
-    assert overrides_from_trial({"model.lam_per_stage:scale": 0.5}, dims)["model.lam_per_stage"][1] == pytest.approx(0.025)
-    # one λ on every stage when the base has no per-stage λ
-    uniform = load_config(None, {"model.preset": "csc_ctrl_debug", "model.lam_per_stage": []})
-    dims = parse_space(PRESETS["sparsity"](), uniform)
-    assert overrides_from_trial({"model.lam_per_stage:scale": 0.2}, dims) == {"model.lam_per_stage": (0.2,) * 4}
-    # model.lam is fine once the base has no per-stage λ
-    parse_space({"model.lam": {"grid": [0.0, 0.1]}}, uniform)
-    with pytest.raises(SpaceError, match="no positive element to scale"):
-        parse_space(PRESETS["sparsity"](), load_config(None, {"model.preset": "csc_ctrl_debug",
-                                                              "model.lam_per_stage": [0.0] * 4}))
+def test_a_lam_sweep_a_per_stage_lam_would_override_is_refused():
+    per_stage = load_config(None, {"model.preset": "csc_ctrl_debug", "model.lam_per_stage": [0.1, 0.005, 0.1, 0.1]})
+    with pytest.raises(SpaceError, match=r"'model.lam' would change nothing: the base config sets "
+                                         r"model.lam_per_stage=\[0.1, 0.005, 0.1, 0.1\] \(from model.preset=csc_ctrl_debug\)"):
+        parse_space(PRESETS["sparsity"](), per_stage)
+    parse_space({**PRESETS["sparsity"](), **PRESETS["sparsity_per_stage"]()}, per_stage)   # both swept: fine
+    parse_space(PRESETS["sparsity"](), load_config(None, {"model.preset": "csc_ctrl_debug"}))
 
 
 def test_bad_space_from_yaml_text():
@@ -142,10 +124,10 @@ def test_bad_space_from_yaml_text():
 def test_unknown_and_overlapping_presets():
     with pytest.raises(SpaceError, match="unknown search space preset 'sparsityy'.*sparsity_unroll"):
         resolve_space("sparsityy")
-    with pytest.raises(SpaceError, match="both set 'model.lam_per_stage'"):
+    with pytest.raises(SpaceError, match="both set 'model.lam'"):
         resolve_space(["sparsity", "sparsity_unroll"])
     union = resolve_space(["sparsity", "unroll"])
-    assert set(union) == {"model.lam_per_stage", "model.n_steps", "model.solver"}
+    assert set(union) == {"model.lam", "model.n_steps", "model.solver"}
 
 
 def test_grid_search_needs_discrete_keys():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 
 import numpy as np
@@ -18,8 +19,8 @@ from tuning.callbacks import (LAST_CHECKPOINT_KEY, TrialTable, complete_report, 
 from tuning.spaces import parse_space, to_param_space
 
 DEBUG = {"model.preset": "csc_ctrl_debug", "train.steps": 40}
-LAM = "model.lam_per_stage:scale"
-SPACE = {"model.lam_per_stage": {"scale": {"grid": [0.0, 0.1, 0.5]}}, "model.n_steps": {"grid": [1, 3]}}
+LAM = "model.lam"
+SPACE = {"model.lam": {"grid": [0.0, 0.1, 0.5]}, "model.n_steps": {"grid": [1, 3]}}
 
 
 def make_trial(trial_id: str, config: dict, status: str, result: dict | None) -> Trial:
@@ -57,9 +58,8 @@ def rows():
 def test_rows_from_real_trial_objects(rows):
     rows, _, _ = rows
     assert [r.status for r in rows] == ["done", "done", "done", "stopped", "done", "pending"]
-    assert rows[0].point == {"model.lam_per_stage": (0.0, 0.0, 0.0, 0.0), "model.n_steps": 1}
-    assert rows[2].point["model.lam_per_stage"] == pytest.approx((0.5, 0.025, 0.5, 0.5))   # the preset's profile
-    assert rows[2].searched == {LAM: 0.5, "model.n_steps": 1}
+    assert rows[0].point == {"model.lam": 0.0, "model.n_steps": 1}
+    assert rows[2].searched == {"model.lam": 0.5, "model.n_steps": 1}
     assert rows[0].run_name == "sw-t_00000" and rows[0].checkpoint == "/ckpt/a"
     assert rows[0].nonzero == pytest.approx(0.85)            # held-out sparsity preferred
     assert rows[3].nonzero == pytest.approx(0.9)             # training sparsity when no evaluation
@@ -78,7 +78,7 @@ def test_best_ignores_nan_stopped_and_pending(rows):
 def test_pareto_front_matches_brute_force():
     rng = np.random.default_rng(0)
     base = load_config(None, DEBUG)
-    dims = parse_space({"model.lam_per_stage": {"scale": {"uniform": [0.0, 1.0]}}}, base)
+    dims = parse_space({"model.lam": {"uniform": [0.0, 1.0]}}, base)
     metric, nz = rng.normal(20, 3, 40).round(1), rng.uniform(0, 1, 40).round(2)   # rounding makes ties
     trials = [make_trial(f"t_{i:05d}", {LAM: 0.1}, Trial.TERMINATED, report(40, float(m), (float(z),)))
               for i, (m, z) in enumerate(zip(metric, nz))]
@@ -103,8 +103,9 @@ def test_table_csv(rows):
     assert float(first["eval/psnr"]) == 20.0 and float(first["eval/sparsity/stage2"]) == 0.8
     assert [p["pareto"] for p in parsed] == ["True", "True", "True", "False", "False", "False"]
     assert parsed[3]["eval/psnr"] == ""                       # NaN is an empty cell, not "nan"
-    columns = analysis.records_columns(records)
-    assert columns["trial_id"][2] == "t_00002" and len(columns["model.n_steps"]) == 6
+    table = json.loads(analysis.records_json(records))
+    assert table["columns"] == list(records[0]) and len(table["data"]) == 6
+    assert table["data"][2][0] == "t_00002" and table["data"][3][table["columns"].index("eval/psnr")] is None
 
 
 def test_plot_is_a_png_of_the_trade_off(rows, tmp_path):
@@ -120,14 +121,13 @@ def test_plot_is_a_png_of_the_trade_off(rows, tmp_path):
 def test_best_config_file_is_accepted_by_cscctrl_train(rows, tmp_path, capsys):
     rows, _, _ = rows
     best = analysis.best_row(rows, "eval/psnr", "max")
-    best.point["model.lam_per_stage"] = (0.05, 0.0025, 0.05, 0.05)   # values the base does not have
+    best.point["model.lam"] = 0.05                              # a value the base does not have
     text = analysis.best_config_yaml("", {**DEBUG, "train.eval_batches": 2}, best.point, header="best of sweep\nline 2")
     assert text.startswith("# best of sweep\n# line 2\n")
     f = tmp_path / analysis.BEST_CONFIG_FILE
     f.write_text(text)
     cfg = load_config(f)
-    assert cfg.model.lam_per_stage == (0.05, 0.0025, 0.05, 0.05)
-    assert cfg.model.n_steps == 1 and cfg.model.ndf == 8                             # preset kept
+    assert cfg.model.lam == 0.05 and cfg.model.n_steps == 1 and cfg.model.ndf == 8   # preset kept
     assert cfg.train.steps == 40 and cfg.train.eval_batches == 2
     assert cfg.run.name == "" and cfg.tracking.parent_run_id == ""
     # a swept value equal to the default but not to the preset's (ndf 64 vs csc_ctrl_debug's 8) is kept
@@ -136,7 +136,7 @@ def test_best_config_file_is_accepted_by_cscctrl_train(rows, tmp_path, capsys):
     from pipeline.cli import main
 
     assert main(["train", "-c", str(f), "--print-config"]) == 0
-    assert "- 0.0025" in capsys.readouterr().out
+    assert "lam: 0.05" in capsys.readouterr().out
 
 
 def test_summary_text(rows):

@@ -23,7 +23,7 @@ def test_print_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "trials: 2" in out and "search: grid" in out and "metric: train/recon_psnr (max)" in out
-    assert "model.lam_per_stage:scale: grid [0.0, 0.1] × (1, 0.05, 1, 1)" in out
+    assert "model.lam: grid [0.0, 0.1]" in out
     assert "preset: csc_ctrl_debug" in out                       # the resolved base config follows
     assert not (tmp_path / "sweeps").exists()
 
@@ -53,15 +53,16 @@ def test_bad_input_is_refused_before_anything_runs(items, fragment, tmp_path, ca
 
 def test_trial_config_applies_the_point_with_the_cli_function():
     base = load_config(None, {"model.preset": "csc_ctrl_debug", "train.steps": 7})
-    dims = parse_space({"model.lam_per_stage": {"scale": {"grid": [0.0, 0.2]}},
+    dims = parse_space({"model.lam_per_stage": {"each": {"choice": [0.0, 0.2]}},
                         "optim.decoder.betas": {"choice": [[0.5, 0.999], [0.0, 0.9]]},
                         "model.solver": {"grid": ["fista", "ista"]}}, base)
     tree = base.to_dict()
-    cfg = sweep.trial_config(tree, dims, {"model.lam_per_stage:scale": 0.2, "optim.decoder.betas": "[0.0, 0.9]",
-                                          "model.solver": "ista"},
+    sampled = {"model.lam_per_stage:0": 0.2, "model.lam_per_stage:1": 0.0, "model.lam_per_stage:2": 0.2,
+               "model.lam_per_stage:3": 0.0, "optim.decoder.betas": "[0.0, 0.9]", "model.solver": "ista"}
+    cfg = sweep.trial_config(tree, dims, sampled,
                              run_name=sweep.trial_run_name("sw", "abc_00001"), storage="/s/runs", parent_run_id="p1")
     assert isinstance(cfg, ExperimentConfig)
-    assert cfg.model.lam_per_stage == pytest.approx((0.2, 0.01, 0.2, 0.2))
+    assert cfg.model.lam_per_stage == (0.2, 0.0, 0.2, 0.0)
     assert cfg.optim.decoder.betas == (0.0, 0.9) and cfg.model.solver == "ista"
     assert cfg.run.name == "sw-abc_00001" and cfg.run.storage_path == "/s/runs"
     assert cfg.tracking.parent_run_id == "p1"

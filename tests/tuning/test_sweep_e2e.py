@@ -6,13 +6,16 @@ every wait is bounded.
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,9 +50,14 @@ def ray_address(tmp_path_factory):
     """A 2-CPU Ray head of our own on 127.0.0.1 (`ray start --block`: SIGTERM stops exactly its processes)."""
     port = free_port()
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    # A temp dir of its own (short: it holds unix sockets), so that `ray start` writes its
+    # ray_current_cluster file there and not in /tmp/ray, where other local ray.init() calls would
+    # read it and try to join this cluster after it is gone.
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     head = subprocess.Popen([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                              "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=false",
-                             "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats", "--block"],
+                             "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats",
+                             "--temp-dir", temp_dir, "--block"],
                             stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **AUTH, "RAY_USAGE_STATS_ENABLED": "0",
                                  "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})  # nothing to drain at teardown
@@ -68,6 +76,7 @@ def ray_address(tmp_path_factory):
     except subprocess.TimeoutExpired:
         head.kill()
     log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def env(address: str) -> dict[str, str]:
@@ -76,7 +85,7 @@ def env(address: str) -> dict[str, str]:
 
 
 def sweep_args(storage: Path, shards: str, *extra: str) -> list[str]:
-    space = "{model.lam_per_stage: {scale: {grid: [%s, %s]}}}" % TRIALS_LAM
+    space = "{model.lam: {grid: [%s, %s]}}" % TRIALS_LAM
     return ["tune", "-c", "debug", f"data.shards={shards}", f"run.storage_path={storage}", "train.steps=4",
             "train.log_every=2", "train.checkpoint_every=2", "train.batch_size_per_worker=8", "train.eval_batches=1",
             f"space={space}", "name=e2e", *extra]
@@ -116,8 +125,8 @@ def sweep(ray_address, demo_shards, tmp_path_factory):
             "second": (second.returncode, second.stdout + second.stderr), "shards": demo_shards}
 
 
-def largest_lam(run) -> float:
-    return max(yaml.safe_load(run.data.params["model.lam_per_stage"].replace("(", "[").replace(")", "]")))
+def lam(run) -> float:
+    return float(run.data.params["model.lam"])
 
 
 def children_of(client: MlflowClient, parent_id: str) -> list:
@@ -143,12 +152,12 @@ def test_mlflow_parent_with_one_child_per_trial(sweep):
     assert len(parents) == 1                                 # the resumed sweep re-attached to its run
     parent = parents[0]
     assert parent.info.run_name == "e2e" and parent.info.status == "FINISHED"
-    assert parent.data.params["sweep.space.model.lam_per_stage:scale"].startswith("grid [0.0, 0.5] × (1, 0.05, 1, 1)")
+    assert parent.data.params["sweep.space.model.lam"] == "grid [0.0, 0.5]"
     children = children_of(client, parent.info.run_id)
     assert len(children) == 2                                # one per trial, none duplicated by the resume
-    assert sorted(largest_lam(c) for c in children) == list(TRIALS_LAM)
+    assert sorted(lam(c) for c in children) == list(TRIALS_LAM)
     # λ really reached the model: the held-out codes of λ = 0.5 are sparser than those of λ = 0
-    dense, sparse = sorted(children, key=largest_lam)
+    dense, sparse = sorted(children, key=lam)
     assert sparse.data.metrics["eval/sparsity/stage1"] < dense.data.metrics["eval/sparsity/stage1"]
     for c in children:
         assert c.info.status == "FINISHED"
@@ -174,12 +183,13 @@ def test_parent_holds_table_plot_and_a_best_config_train_accepts(sweep, tmp_path
             "sweep/sweep.yaml"} <= names
     local = Path(client.download_artifacts(parent.info.run_id, "sweep", str(tmp_path)))
     assert (local / "metric_vs_lam_n.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(json.loads((local / "trials.json").read_text())["data"]) == 2   # replaced, not appended, on resume
     table = (local / "trials.csv").read_text().splitlines()
-    assert table[0].startswith("trial_id,run_name,status,model.lam_per_stage:scale,step,eval/psnr")
+    assert table[0].startswith("trial_id,run_name,status,model.lam,step,eval/psnr")
     assert len(table) == 3
     best_cfg = load_config(local / "best_config.yaml")
     best = client.get_run(parent.data.tags["cscctrl.sweep.best_run_id"])
-    assert max(best_cfg.model.lam_per_stage) == largest_lam(best)
+    assert best_cfg.model.lam == lam(best)
     assert best_cfg.model.preset == "csc_ctrl_debug" and best_cfg.train.steps == 4
     assert best_cfg.data.shards == sweep["shards"] and best_cfg.run.name == ""
     # the same file sits beside the sweep's experiment, and the summary names the best checkpoint
