@@ -2,8 +2,7 @@
 
     cscctrl train [-c CONFIG.yaml] [section.key=value ...]
 
-Connects to a running Ray cluster when there is one (RAY_ADDRESS, or inside `ray job submit`), else
-starts a local one. The same run name resumes from its last checkpoint in run.storage_path.
+Connects to the Ray cluster named by RAY_ADDRESS (set inside `ray job submit`), else starts a local one. The same run name resumes from its last checkpoint in run.storage_path.
 """
 from __future__ import annotations
 
@@ -112,8 +111,10 @@ def ray_resources(cfg: ExperimentConfig) -> dict[str, float]:
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, log_to_driver=True,
+        # An explicit cluster (RAY_ADDRESS, which `ray job submit` sets for its driver) or a fresh local
+        # one: never an implicit attach to whatever /tmp/ray last recorded, which may be a dead cluster.
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, log_to_driver=True,
                  runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}})
     total = ray.cluster_resources()
     s = cfg.scaling
