@@ -1,10 +1,14 @@
 """`cscctrl demo`: the whole pipeline on the embedded default, in minutes on a laptop CPU.
 
+It runs the bundled workflow pipeline/workflows/demo.yaml (`cscctrl run demo`); the stages are cached,
+so running it again skips what is done and resumes what was interrupted:
+
 1. shard: random crops of the real photos that ship inside scikit-image / scikit-learn → WebDataset
    shards + manifest (train / val / unseen: crops of photos never trained on);
 2. train: a small 32 px CSC-CTRL model (the binary game ΔR(Z, Ẑ) with the sample-wise consistency term:
    the setting whose reconstructions improved fastest in a few hundred CPU steps) with 2 Ray Train
    workers on CPU, tracked in a local MLflow store, with checkpoints;
+   (after a 2-trial λ sweep whose best trial it trains);
 3. evaluate on the held-out crops and on the unseen photos (generalisation), writing a report;
 4. print how to browse the run in the MLflow UI and where the pictures are.
 """
@@ -60,36 +64,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, load_config
-    from pipeline.launch import prepare, run_training
+    """Run the bundled workflow pipeline/workflows/demo.yaml (shard -> verify -> 2-trial sweep -> train ->
+    evaluate on val and unseen -> register csc-ctrl-demo@candidate) with the options mapped to its keys."""
+    from pipeline import workflow
 
     storage = str(Path(args.storage).expanduser().resolve())
-    print(f"[demo] 1/3 shards of real photo crops -> {storage}", flush=True)
-    shards = ensure_demo_shards(storage)
-    try:
-        cfg = prepare(load_config(None, DEMO_OVERRIDES + [
-            f"data.shards={shards}", f"run.storage_path={storage}", f"train.steps={args.steps}",
-            f"scaling.num_workers={args.workers}", "run.name=demo"] + list(args.overrides)))
-    except (ConfigError, FileNotFoundError, ConnectionError, ValueError) as e:
-        print(f"cscctrl demo: error: {e}", file=sys.stderr)
-        return 2
-    print(f"[demo] 2/3 training {cfg.run.name} ({args.workers} CPU workers, {args.steps} steps)", flush=True)
-    if run_training(cfg) is None:
-        return 1
-    print("[demo] 3/3 evaluating on held-out crops and on unseen photos", flush=True)
-    from pipeline.evaluate import main as eval_main
-
-    run_dir = Path(storage) / cfg.run.name
-    reports = []
-    for split in ("val", "unseen"):
-        eval_args = argparse.Namespace(source=str(run_dir), data="", split=split, reference_split="train",
-                                       max_batches=0, batch_size=128, device="cpu", no_fd=False,
-                                       out=str(run_dir / f"eval-{split}"), tracking_uri=cfg.tracking.uri)
-        if eval_main(eval_args) != 0:
-            return 1
-        reports.append(run_dir / f"eval-{split}" / "report.html")
-    print("\n[demo] done. Browse the run:\n"
-          f"  {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {cfg.tracking.uri} "
-          f"--host 127.0.0.1 --port 5000\n  then open http://127.0.0.1:5000 (experiment '{cfg.tracking.experiment}')\n"
-          f"  reports: {', '.join(str(r) for r in reports)}\n  checkpoints: {run_dir}", flush=True)
-    return 0
+    items = [f"storage={storage}", f"train.steps={args.steps}", f"scaling.num_workers={args.workers}",
+             *args.overrides]
+    rc = workflow.main(argparse.Namespace(workflow="demo", items=items, from_stage=None, print_plan=False,
+                                          no_progress=False))
+    if rc == 0:
+        print("\n[demo] done. Browse the runs:\n"
+              f"  {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:///{storage}/mlflow.db "
+              f"--host 127.0.0.1 --port 5000\n  then open http://127.0.0.1:5000 (experiment 'cscctrl-demo'; "
+              f"model 'csc-ctrl-demo', alias 'candidate')\n  stage records: {storage}/workflows/demo/stages.json",
+              flush=True)
+    return rc
