@@ -676,7 +676,14 @@ def train_valid(ctx: Context, outputs: dict[str, Any]) -> bool:
     from pipeline.checkpoint import find_latest
 
     run_dir = outputs.get("run_dir", "")
-    return bool(run_dir) and Path(run_dir).exists() and find_latest(Path(run_dir)) is not None
+    if not run_dir:
+        return False
+    if "://" in run_dir:  # shared storage: the recorded checkpoint folder must still be there
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(outputs.get("checkpoint") or run_dir)
+        return fs.exists(path)
+    return Path(run_dir).exists() and find_latest(Path(run_dir)) is not None
 
 
 def train_run(ctx: Context, stage_run_id: str) -> dict[str, Any]:
