@@ -23,13 +23,72 @@ from typing import Any
 import yaml
 
 from pipeline.config import ExperimentConfig, diff_from_defaults, load_config
-from tuning.callbacks import LAST_CHECKPOINT_KEY, format_value, nonzero_fraction, short_label, trial_status
 from tuning.spaces import Dimension, decode_trial, overrides_from_trial
 
+LAST_CHECKPOINT_KEY = "sweep/last_checkpoint"  # report key: path of the newest checkpoint of a trial's run
 PLOT_FILE = "metric_vs_lam_n.png"
 TABLE_FILE = "trials.csv"
 TABLE_JSON_FILE = "trials.json"
 BEST_CONFIG_FILE = "best_config.yaml"
+
+
+# ----------------------------------------------------------------------------------------------
+# What a trial shows: labels, values, status (shared with the live table)
+# ----------------------------------------------------------------------------------------------
+
+
+def short_label(key: str) -> str:
+    """Column label of a swept key: λ and n as in the paper, else the key without its section."""
+    if key == "model.lam":
+        return "λ"
+    if key.startswith("model.lam_per_stage:"):
+        return f"λ{key.rsplit(':', 1)[1]}"
+    if key == "model.n_steps":
+        return "n"
+    return key.split(".", 1)[1]
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, (tuple, list)):
+        return "(" + ",".join(format_value(x) for x in v) + ")"
+    return str(v)
+
+
+def nonzero_fraction(result: dict[str, Any]) -> float:
+    """Mean over CSC stages of the fraction of non-zero codes: held-out if measured, else training."""
+    for prefix in ("eval/sparsity/stage", "sparsity/stage"):
+        values = [v for k, v in result.items() if k.startswith(prefix) and isinstance(v, (int, float))
+                  and not math.isnan(v)]
+        if values:
+            return sum(values) / len(values)
+    return math.nan
+
+
+def render_table(rows: list[list[str]], header: list[str]) -> str:
+    """Columns padded to their widest cell; the first left-aligned, the rest right-aligned."""
+    widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def trial_status(status: str, step: float, total_steps: int) -> str:
+    """Tune's status in the words of a sweep: a TERMINATED trial that stopped before the last step was
+    stopped early by the scheduler."""
+    if status == "TERMINATED":
+        return "stopped" if (not math.isnan(step) and step < total_steps) else "done"
+    return {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused", "ERROR": "error"}.get(status, status.lower())
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows, best trial, Pareto front
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -57,7 +116,8 @@ class TrialRow:
 
 def rows_from_trials(trials: Sequence[Any], dims: Sequence[Dimension], total_steps: int,
                      run_name_of: Any) -> list[TrialRow]:
-    """Tune ``Trial`` objects (``tune.ExperimentAnalysis(path).trials``) -> rows, in creation order."""
+    """Tune ``Trial`` objects (``tune.ExperimentAnalysis(path).trials``) -> rows, in creation order.
+    ``total_steps`` is the base config's train.steps (a trial that sweeps train.steps uses its own)."""
     rows = []
     for t in sorted(trials, key=lambda t: t.trial_id):  # ids end in the creation index
         result = t.last_result or {}
@@ -72,7 +132,8 @@ def rows_from_trials(trials: Sequence[Any], dims: Sequence[Dimension], total_ste
             err = t.get_error()
             error = _last_line(str(err)) if err is not None else "error"
         rows.append(TrialRow(trial_id=t.trial_id, run_name=run_name_of(t.trial_id),
-                             status=trial_status(t.status, metrics.get("train/step", math.nan), total_steps),
+                             status=trial_status(t.status, metrics.get("train/step", math.nan),
+                                                 int(point.get("train.steps", total_steps))),
                              point=point, searched=searched, metrics=metrics, error=error,
                              checkpoint=str(result.get(LAST_CHECKPOINT_KEY, ""))))
     return rows

@@ -22,10 +22,11 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from tuning.analysis import (LAST_CHECKPOINT_KEY, format_value, nonzero_fraction, render_table, short_label,
+                             trial_status)
 from tuning.spaces import Dimension, decode_trial
 
 REFRESH_S = 30.0  # seconds between tables while only results (no status changes) arrive
-LAST_CHECKPOINT_KEY = "sweep/last_checkpoint"  # path of the newest checkpoint of the trial's run
 
 
 class SweepReportCallback(TuneReportCallback):
@@ -62,57 +63,9 @@ def complete_report(report: dict[str, Any], carry: Sequence[str], previous: dict
 # ----------------------------------------------------------------------------------------------
 
 
-def short_label(key: str) -> str:
-    """Column label of a swept key: λ and n as in the paper, else the key without its section."""
-    if key == "model.lam":
-        return "λ"
-    if key.startswith("model.lam_per_stage:"):
-        return f"λ{key.rsplit(':', 1)[1]}"
-    if key == "model.n_steps":
-        return "n"
-    return key.split(".", 1)[1]
-
-
-def format_value(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v).lower()
-    if isinstance(v, float):
-        return "-" if math.isnan(v) else f"{v:.4g}"
-    if isinstance(v, (tuple, list)):
-        return "(" + ",".join(format_value(x) for x in v) + ")"
-    return str(v)
-
-
-def nonzero_fraction(result: dict[str, Any]) -> float:
-    """Mean over CSC stages of the fraction of non-zero codes: held-out if measured, else training."""
-    for prefix in ("eval/sparsity/stage", "sparsity/stage"):
-        values = [v for k, v in result.items() if k.startswith(prefix) and isinstance(v, (int, float))
-                  and not math.isnan(v)]
-        if values:
-            return sum(values) / len(values)
-    return math.nan
-
-
-def render_table(rows: list[list[str]], header: list[str]) -> str:
-    """Columns padded to their widest cell; the first left-aligned, the rest right-aligned."""
-    widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), *(line(r) for r in rows)])
-
-
-def trial_status(status: str, step: float, total_steps: int) -> str:
-    """Tune's status in the words of a sweep: a TERMINATED trial that stopped before the last step was
-    stopped early by the scheduler."""
-    if status == "TERMINATED":
-        return "stopped" if (not math.isnan(step) and step < total_steps) else "done"
-    return {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused", "ERROR": "error"}.get(status, status.lower())
-
-
 class TrialTable(Callback):
-    """Prints the sweep's trial table on status changes, and every ``refresh_s`` seconds on results."""
+    """Prints the sweep's trial table on status changes, and every ``refresh_s`` seconds on results.
+    ``total_steps`` is the base config's train.steps (a trial that sweeps train.steps uses its own)."""
 
     def __init__(self, dims: Sequence[Dimension], metric: str, total_steps: int, refresh_s: float = REFRESH_S) -> None:
         self.dims = list(dims)
@@ -134,7 +87,8 @@ class TrialTable(Callback):
             except ValueError:
                 searched = {}
             values = [format_value(searched.get(k)) for k in keys]
-            rows.append([t.trial_id, trial_status(t.status, step, self.total_steps), *values,
+            total = int(searched.get("train.steps", self.total_steps))
+            rows.append([t.trial_id, trial_status(t.status, step, total), *values,
                          format_value(step if math.isnan(step) else int(step)),
                          format_value(float(result.get(self.metric, math.nan))),
                          format_value(nonzero_fraction(result))])

@@ -281,9 +281,24 @@ def make_trainable(plan: SweepPlan, parent_run_id: str) -> Any:
     return tune.with_resources(fn, PlacementGroupFactory([{"CPU": plan.spec.resources.driver_cpus}]))
 
 
+def build_scheduler(plan: SweepPlan) -> Any:
+    """ASHA on ``asha.metric`` at rungs of train/step (grace period × reduction factor^k), or FIFO.
+
+    ASHA stops every trial whose time reaches its max_t; the last training report and the evaluation
+    report both come at the last step, so max_t is one past it: trials that survive the rungs finish
+    and report their held-out metric."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    s = plan.spec
+    if s.scheduler != "asha":
+        return FIFOScheduler()
+    return AsyncHyperBandScheduler(time_attr=TIME_ATTR, metric=s.asha.metric, mode=s.asha.mode,
+                                   max_t=plan.max_t + 1, grace_period=plan.grace_period,
+                                   reduction_factor=s.asha.reduction_factor)
+
+
 def build_tuner(plan: SweepPlan, trainable: Any, concurrency: int) -> Any:
     from ray import tune
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
     from tuning.callbacks import TrialTable
 
@@ -299,20 +314,14 @@ def build_tuner(plan: SweepPlan, trainable: Any, concurrency: int) -> Any:
         # Tune ignores TuneConfig.max_concurrent_trials for this generator: it takes its own limit.
         search_alg = BasicVariantGenerator(max_concurrent=concurrency, random_state=s.seed)
         limit = {}
-    if s.scheduler == "asha":
-        scheduler = AsyncHyperBandScheduler(time_attr=TIME_ATTR, metric=s.asha.metric, mode=s.asha.mode,
-                                            max_t=plan.max_t, grace_period=plan.grace_period,
-                                            reduction_factor=s.asha.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
         param_space=plan.param_space,
-        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=build_scheduler(plan), num_samples=s.num_samples,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname, **limit),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.experiment_root,
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                                  callbacks=[TrialTable(plan.dims, s.metric, plan.max_t)], verbose=0),
+                                  callbacks=[TrialTable(plan.dims, s.metric, plan.base.train.steps)], verbose=0),
     )
 
 
@@ -372,7 +381,8 @@ def summarize(plan: SweepPlan, tracker: Any) -> SweepOutcome:
     from ray import tune
 
     trials = tune.ExperimentAnalysis(plan.experiment_path).trials
-    rows = analysis.rows_from_trials(trials, plan.dims, plan.max_t, lambda tid: trial_run_name(plan.name, tid))
+    rows = analysis.rows_from_trials(trials, plan.dims, plan.base.train.steps,
+                                     lambda tid: trial_run_name(plan.name, tid))
     s = plan.spec
     complete = len(rows) >= plan.num_trials and all(r.status in ("done", "stopped", "error") for r in rows)
     best = analysis.best_row(rows, s.metric, s.mode)

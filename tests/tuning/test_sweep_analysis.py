@@ -14,8 +14,8 @@ from ray.tune.experiment import Trial
 
 from pipeline.config import load_config
 from tuning import analysis
-from tuning.callbacks import (LAST_CHECKPOINT_KEY, TrialTable, complete_report, format_value, nonzero_fraction,
-                              render_table)
+from tuning.analysis import LAST_CHECKPOINT_KEY, format_value, nonzero_fraction, render_table
+from tuning.callbacks import TrialTable, complete_report
 from tuning.spaces import parse_space, to_param_space
 
 DEBUG = {"model.preset": "csc_ctrl_debug", "train.steps": 40}
@@ -64,6 +64,15 @@ def test_rows_from_real_trial_objects(rows):
     assert rows[0].nonzero == pytest.approx(0.85)            # held-out sparsity preferred
     assert rows[3].nonzero == pytest.approx(0.9)             # training sparsity when no evaluation
     assert math.isnan(rows[5].value("eval/psnr"))
+
+
+def test_a_trial_with_its_own_step_count_is_done_at_its_last_step():
+    base = load_config(None, DEBUG)
+    dims = parse_space({"train.steps": {"grid": [10, 40]}}, base)
+    trials = [make_trial("t_00000", {"train.steps": 10}, Trial.TERMINATED, report(10, 15.0, (0.5,))),
+              make_trial("t_00001", {"train.steps": 40}, Trial.TERMINATED, report(10, 15.0, (0.5,)))]
+    rows = analysis.rows_from_trials(trials, dims, base.train.steps, str)
+    assert [r.status for r in rows] == ["done", "stopped"]
 
 
 def test_best_ignores_nan_stopped_and_pending(rows):

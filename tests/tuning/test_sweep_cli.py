@@ -76,3 +76,30 @@ def test_carry_keys_are_what_tune_ranks_on():
                                                        "asha.mode=min", "run.storage_path=/tmp/unused-sweep"]))
     assert plan.carry_keys() == ("train/recon_psnr", "sparsity/stage1", "train/step")
     assert plan.grace_period == 5 and plan.max_t == 20          # a quarter of train.steps
+
+
+def test_asha_stops_the_worse_trial_at_its_rung_and_lets_the_evaluation_report_through(tmp_path):
+    """Tune's real ASHA, fed reports completed as SweepReportCallback completes them."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tuning.callbacks import complete_report
+
+    plan = sweep.plan_sweep(sweep.load_sweep("debug", [
+        "data.synthetic=true", "metric=train/recon_psnr", "scheduler=asha", "asha.metric=sparsity/stage1",
+        "asha.mode=min", "asha.grace_period=5", f"run.storage_path={tmp_path}"]))
+    scheduler = sweep.build_scheduler(plan)
+    sparse, dense = (Trial("__fake", config={}, trial_id=i, stub=True) for i in ("a_00000", "a_00001"))
+    for t in (sparse, dense):
+        scheduler.on_trial_add(None, t)
+
+    def report(step: int, nonzero: float, **extra) -> dict:
+        return complete_report({"train/step": step, "sparsity/stage1": nonzero, "train/recon_psnr": 9.0, **extra},
+                               plan.carry_keys(), {})
+
+    assert scheduler.on_trial_result(None, sparse, report(5, 0.1)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, dense, report(5, 0.6)) == TrialScheduler.STOP       # worse at the rung
+    for step in (10, 15, 20):                                                                  # train.steps = 20
+        assert scheduler.on_trial_result(None, sparse, report(step, 0.1)) == TrialScheduler.CONTINUE
+    final = report(20, 0.1, **{"eval/psnr": 12.0})                                            # the evaluation
+    assert scheduler.on_trial_result(None, sparse, final) == TrialScheduler.CONTINUE
