@@ -42,6 +42,8 @@ from pipeline.config import (CONFIG_DIR, ConfigError, ExperimentConfig, _coerce,
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
+# scaling.* keys the sweep sets from 'resources:' (the other scaling keys may go in 'base').
+RESOURCE_KEYS = ("scaling.num_workers", "scaling.cpus_per_worker", "scaling.use_gpu", "scaling.gpus_per_worker")
 # What ASHA measures progress in: the training step every report carries (pipeline/trainer.py).
 TIME_ATTR = "train/step"
 
@@ -131,7 +133,7 @@ class SweepSpec:
             if key.split(".", 1)[0] not in CONFIG_SECTIONS:
                 raise ConfigError(f"base key {key!r} is not a dotted config key (sections: "
                                   f"{', '.join(CONFIG_SECTIONS)})")
-            if key.startswith("scaling."):
+            if key in RESOURCE_KEYS:
                 raise ConfigError(f"base key {key!r}: per-trial resources go under 'resources:' "
                                   f"(num_workers, cpus_per_worker, use_gpu, gpus_per_worker, driver_cpus)")
         if self.name and not all(c.isalnum() or c in "-_." for c in self.name):

@@ -70,6 +70,15 @@ def test_trial_config_applies_the_point_with_the_cli_function():
     assert tree == base.to_dict()                               # the shared base is untouched
 
 
+def test_trainer_failure_settings_go_in_base_and_reach_the_trials(tmp_path):
+    """Failures are handled at both levels: Tune's max_failures, and the trainer's scaling.max_failures."""
+    plan = sweep.plan_sweep(sweep.load_sweep("debug", ["data.synthetic=true", "metric=train/recon_psnr",
+                                                       "scaling.max_failures=5", "max_failures=3",
+                                                       "resources.num_workers=2", f"run.storage_path={tmp_path}"]))
+    assert plan.spec.max_failures == 3
+    assert plan.base.scaling.max_failures == 5 and plan.base.scaling.num_workers == 2
+
+
 def test_carry_keys_are_what_tune_ranks_on():
     plan = sweep.plan_sweep(sweep.load_sweep("debug", ["data.synthetic=true", "metric=train/recon_psnr",
                                                        "scheduler=asha", "asha.metric=sparsity/stage1",
