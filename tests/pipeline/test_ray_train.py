@@ -62,17 +62,19 @@ def test_two_workers_log_metrics_images_and_register_the_model(tmp_path, mlflow_
     assert ckpts == ["checkpoint_step000000003", "checkpoint_step000000006"]
 
 
-def _train_workers() -> list[int]:
+def _train_workers(driver_pid: int) -> list[int]:
+    """PIDs of the Ray Train worker processes of our run: descendants of the `cscctrl train` driver (which
+    started its own local Ray cluster), so other Ray clusters on the machine are never touched."""
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.Process(driver_pid).children(recursive=True):
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
+            cmd = " ".join(p.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if "RayTrainWorker" in cmd:
-            pids.append(p.info["pid"])
+            pids.append(p.pid)
     return pids
 
 
@@ -86,8 +88,9 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
     deadline = time.time() + 300
     killed = None
     while time.time() < deadline and proc.poll() is None:
-        if list(run_dir.glob("checkpoint_step*")):
-            workers = _train_workers()
+        # Kill once the second checkpoint is on disk, so Ray has certainly registered the first one.
+        if (run_dir / "checkpoint_step000000020").exists():
+            workers = _train_workers(proc.pid)
             if workers:
                 killed = workers[-1]
                 os.kill(killed, signal.SIGKILL)
