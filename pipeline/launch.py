@@ -106,16 +106,25 @@ def check_shards(url: str, split: str, image_size: int) -> Any:
     return manifest
 
 
+def init_ray(log_to_driver: bool = True) -> None:
+    """Join the cluster named by RAY_ADDRESS (which `ray job submit` sets for its driver), else start a
+    private local one: never Ray's implicit attach to whatever /tmp/ray last recorded, which may be a
+    dead cluster (ray.init then waits forever). No runtime_env: inside `ray job submit` it would have to
+    merge with the job's own; a local cluster's workers inherit this process's environment."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver)
+
+
 def ray_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """Start or join Ray; check the cluster can ever hold the worker group (else Ray waits forever)."""
     import ray
 
-    if not ray.is_initialized():
-        # An explicit cluster (RAY_ADDRESS, which `ray job submit` sets for its driver) or a fresh local
-        # one: never an implicit attach to whatever /tmp/ray last recorded, which may be a dead cluster.
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, log_to_driver=True,
-                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}})
+    init_ray()
     total = ray.cluster_resources()
     s = cfg.scaling
     need_cpu = s.num_workers * s.cpus_per_worker

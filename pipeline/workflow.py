@@ -403,15 +403,11 @@ def suffix(attempt: int) -> str:
 
 
 def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`), else start a private local
-    one ("local": never attach to some other cluster that happens to run on this machine)."""
-    import ray
+    """pipeline.launch.init_ray (RAY_ADDRESS or a private local cluster), Tune's own output off."""
+    from pipeline.launch import init_ray
 
-    if ray.is_initialized():
-        return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
-             runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}})
+    init_ray()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import signal
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -131,7 +132,7 @@ def _submit(dashboard: str, args: list[str], timeout_s: float = 300) -> tuple[st
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(dashboard)
-    entrypoint = " ".join([sys.executable, "-m", "pipeline", *args])
+    entrypoint = shlex.join([sys.executable, "-m", "pipeline", *args])  # the job runs it through a shell
     job = client.submit_job(entrypoint=entrypoint,
                             runtime_env={"env_vars": {**CLUSTER_ENV, "PYTHONUNBUFFERED": "1"}})
     deadline = time.time() + timeout_s

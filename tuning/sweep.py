@@ -253,16 +253,11 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def init_ray(worker_logs: bool) -> None:
-    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`; RAY_ADDRESS=auto joins the
-    cluster `ray start` last started here), else start a local one. Not Ray's own default, which joins
-    whatever /tmp/ray/ray_current_cluster names and waits forever when that cluster is gone."""
-    import ray
+    """pipeline.launch.init_ray, with Tune's own progress output off (our table replaces it)."""
+    from pipeline.launch import init_ray as init_ray_
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our table replaces Tune's own progress output
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=worker_logs,
-             runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}})
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    init_ray_(log_to_driver=worker_logs)
 
 
 def trial_resources(spec: SweepSpec) -> TrialResources:
