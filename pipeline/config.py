@@ -8,7 +8,9 @@ Ray Tune search spaces are dotted keys applied by the same ``apply_overrides``.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
+import re
 import difflib
 import types
 import typing
@@ -253,7 +255,8 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type annotation of every field of dataclass ``cls``."""
     return typing.get_type_hints(cls)
 
 
@@ -261,7 +264,8 @@ def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _unknown_key(path: str, key: str, cls: type) -> ConfigError:
+def unknown_key_error(path: str, key: str, cls: type) -> ConfigError:
+    """The error for a key that ``cls`` does not have: names it, suggests the nearest, lists the valid ones."""
     valid = _field_names(cls)
     near = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean '{near[0]}'?" if near else ""
@@ -276,7 +280,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert the few lossless cases (int -> float,
     list -> tuple). Anything else raises a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -295,7 +299,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arm is type(None) and value is None:
                 return None
             try:
-                return _coerce(value, arm, key)
+                return coerce_value(value, arm, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"config key '{key}': {value!r} matches none of {tp}")
@@ -304,10 +308,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list; got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            return tuple(coerce_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"config key '{key}' must have {len(args)} values; got {list(value)!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(coerce_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number; got {value!r}")
@@ -329,12 +333,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type, d: dict[str, Any], path: str = "") -> Any:
     """Plain dict -> dataclass ``cls``, type-checked; unknown keys raise. Missing keys keep defaults."""
-    hints = _hints(cls)
+    hints = field_types(cls)
     kwargs = {}
     for key, value in d.items():
         if key not in hints:
-            raise _unknown_key(path, key, cls)
-        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}" if path else key)
+            raise unknown_key_error(path, key, cls)
+        kwargs[key] = coerce_value(value, hints[key], f"{path}.{key}" if path else key)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -364,15 +368,16 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``tree['a']['b']['c'] = value`` for key 'a.b.c', checking every part is a real config path."""
+def set_dotted(tree: dict[str, Any], key: str, value: Any, root: type | None = None) -> None:
+    """Set ``tree['a']['b']['c'] = value`` for key 'a.b.c', checking that every part is a real path of
+    the dataclass ``root`` (default ExperimentConfig)."""
     parts = key.split(".")
-    cls: Any = ExperimentConfig
+    cls: Any = root or ExperimentConfig
     node = tree
     for i, part in enumerate(parts):
-        hints = _hints(cls)
+        hints = field_types(cls)
         if part not in hints:
-            raise _unknown_key(".".join(parts[:i]), part, cls)
+            raise unknown_key_error(".".join(parts[:i]), part, cls)
         tp = hints[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
@@ -405,10 +410,23 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file {str(path)!r} not found (bundled configs: {', '.join(available)})")
 
 
+class YamlLoader(yaml.SafeLoader):
+    """Safe YAML (plain data only) with YAML 1.2 floats: PyYAML follows YAML 1.1, where 1e-4 (no dot) is
+    read as a string."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+
+
+def load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = resolve_config_path(path)
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
+    data = load_yaml_text(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of sections at the top level")
     return data
@@ -417,10 +435,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
     """Apply dotted-key overrides to a plain config dict (a copy is returned). Accepts CLI strings
     ('a.b=1') or a mapping {'a.b': 1} (a Ray Tune sample). Every key must be a real config path."""
-    tree = _deep_merge({}, tree)
+    tree = copy.deepcopy(tree)
     items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else overrides.items()
     for key, value in items:
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return tree
 
 

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import yaml
 
-from pipeline.config import ConfigError, ExperimentConfig, _coerce, load_config
+from pipeline.config import ConfigError, ExperimentConfig, coerce_value, load_config
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _typed(cls: type, tree: Any, path: str) -> Any:
             kwargs[key] = dict(value)
         else:
             try:
-                kwargs[key] = _coerce(value, tp, where)
+                kwargs[key] = coerce_value(value, tp, where)
             except ConfigError as e:
                 raise WorkflowError(str(e).replace("config key", "workflow key")) from None
     try:

@@ -30,14 +30,13 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import (CONFIG_DIR, ConfigError, ExperimentConfig, _coerce, _hints, _unknown_key,
+from pipeline.config import (CONFIG_DIR, load_yaml_text, set_dotted, ConfigError, ExperimentConfig, coerce_value, field_types, unknown_key_error,
                              parse_override)
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -149,17 +148,8 @@ class SweepSpec:
 # ----------------------------------------------------------------------------------------------
 
 
-class SweepLoader(yaml.SafeLoader):
-    """YAML with YAML 1.2 floats: PyYAML follows YAML 1.1, where 1e-5 (no dot) is a string."""
-
-
-SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                  re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                  list("-+0123456789"))
-
-
 def read_yaml_text(text: str) -> Any:
-    return yaml.load(text, Loader=SweepLoader)  # a SafeLoader: plain data only
+    return load_yaml_text(text)  # safe YAML with YAML 1.2 floats (pipeline/config.py)
 
 
 def resolve_sweep_path(path: str | Path) -> Path:
@@ -176,20 +166,7 @@ def resolve_sweep_path(path: str | Path) -> Path:
 
 def _set_field(tree: dict[str, Any], key: str, value: Any) -> None:
     """tree['asha']['grace_period'] = value for 'asha.grace_period', checking the name against SweepSpec."""
-    parts = key.split(".")
-    cls: Any = SweepSpec
-    node = tree
-    for i, part in enumerate(parts):
-        hints = _hints(cls)
-        if part not in hints:
-            raise _unknown_key(".".join(parts[:i]), part, cls)
-        if i == len(parts) - 1:
-            node[part] = value
-            return
-        if not dataclasses.is_dataclass(hints[part]):
-            raise ConfigError(f"sweep key '{'.'.join(parts[:i + 1])}' is a value, not a section")
-        node = node.setdefault(part, {})
-        cls = hints[part]
+    set_dotted(tree, key, value, root=SweepSpec)
 
 
 def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -> SweepSpec:
@@ -224,15 +201,15 @@ def _yaml_value(raw: str) -> Any:
 def _typed_spec(tree: dict[str, Any]) -> SweepSpec:
     """Type-check every field with the config's checker; ``space`` and ``base`` stay free-form here
     (tuning/spaces.py and pipeline/config.py check them against the experiment config)."""
-    hints = _hints(SweepSpec)
+    hints = field_types(SweepSpec)
     kwargs: dict[str, Any] = {}
     for key, value in tree.items():
         if key not in hints:
-            raise _unknown_key("", key, SweepSpec)
+            raise unknown_key_error("", key, SweepSpec)
         if key in ("space", "base"):
             kwargs[key] = value
         else:
-            kwargs[key] = _coerce(value, hints[key], key)
+            kwargs[key] = coerce_value(value, hints[key], key)
     try:
         return SweepSpec(**kwargs)
     except TypeError as e:

@@ -99,3 +99,15 @@ def test_diff_from_defaults_and_flatten():
 def test_missing_config_file_lists_bundled_ones():
     with pytest.raises(ConfigError, match="not found"):
         load_config("no-such-config.yaml")
+
+
+def test_apply_overrides_leaves_the_input_untouched():
+    tree = {"model": {"lam": 0.1}}
+    out = apply_overrides(tree, {"model.lam": 0.5})
+    assert tree == {"model": {"lam": 0.1}} and out["model"]["lam"] == 0.5
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    f = tmp_path / "lr.yaml"
+    f.write_text("optim:\n  encoder:\n    lr: 1e-4\n")   # YAML 1.1 would read a string
+    assert load_config(f).optim.encoder.lr == 1e-4
