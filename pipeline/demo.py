@@ -4,13 +4,13 @@ It runs the bundled workflow pipeline/workflows/demo.yaml (`cscctrl run demo`); 
 so running it again skips what is done and resumes what was interrupted:
 
 1. shard: random crops of the real photos that ship inside scikit-image / scikit-learn → WebDataset
-   shards + manifest (train / val / unseen: crops of photos never trained on);
-2. train: a small 32 px CSC-CTRL model (the binary game ΔR(Z, Ẑ) with the sample-wise consistency term:
-   the setting whose reconstructions improved fastest in a few hundred CPU steps) with 2 Ray Train
-   workers on CPU, tracked in a local MLflow store, with checkpoints;
-   (after a 2-trial λ sweep whose best trial it trains);
-3. evaluate on the held-out crops and on the unseen photos (generalisation), writing a report;
-4. print how to browse the run in the MLflow UI and where the pictures are.
+   shards + manifest (train / val / unseen: crops of photos never trained on), as Ray tasks;
+2. verify the shards; tune: a 2-trial λ sweep;
+3. train the best trial's config longer: a small 32 px CSC-CTRL model (the binary game ΔR(Z, Ẑ) with the
+   sample-wise consistency term: of the settings tried, the one whose reconstructions improved fastest
+   in a few hundred CPU steps) with 2 Ray Train workers, tracked in a local MLflow store, checkpointed;
+4. evaluate on the held-out crops and on the unseen photos (generalisation), writing reports; register
+   the model; print how to browse the run in the MLflow UI and where the pictures are.
 """
 from __future__ import annotations
 
@@ -20,17 +20,6 @@ from pathlib import Path
 
 DEMO_TRAIN, DEMO_VAL, DEMO_UNSEEN = 3072, 256, 256  # crops per split
 DEMO_SHARD_MAXCOUNT = 512  # samples per shard (several shards, so 2 ranks × loader workers split them)
-
-# What the demo trains: small enough for 2 CPU cores, large enough for reconstructions to improve visibly.
-DEMO_OVERRIDES = [
-    "model.preset=csc_ctrl_32", "model.ndf=16", "model.nz=64",
-    "objective.mode=binary", "objective.consistency_weight=1.0",
-    "train.batch_size_per_worker=64", "train.encoder_steps_per_decoder_step=1",
-    "optim.encoder.lr=1e-3", "optim.decoder.lr=1e-3", "optim.schedule=constant",
-    "train.log_every=20", "train.image_every=100", "train.checkpoint_every=100", "train.eval_batches=4",
-    "scaling.num_workers=2", "scaling.cpus_per_worker=1", "data.loader_workers=0",
-    "tracking.experiment=cscctrl-demo", "tracking.registered_model=csc-ctrl-demo", "tracking.alias=candidate",
-]
 
 
 def ensure_demo_shards(storage: str, image_size: int = 32, progress: bool = True,
