@@ -211,6 +211,12 @@ class ScalingConfig:
     sync_batchnorm: bool = True
     """BatchNorm statistics over the global batch (needed for exact multi-worker parity)."""
 
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers: STRICT_PACK keeps a run on one node (e.g. all 8 GPUs of one machine)."""
+
+    accelerator_type: str = ""
+    """Ray accelerator type every worker must run on (e.g. H100, A100); '' = any."""
+
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ConfigError(f"scaling.num_workers={self.num_workers}: must be >= 0")

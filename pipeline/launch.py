@@ -152,7 +152,9 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> 
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=s.placement_strategy,
+                                               accelerator_type=s.accelerator_type or None),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
