@@ -404,16 +404,22 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_config_path(path: str | Path) -> Path:
-    """A config file path, or a bare name of a file in configs/ ('imagenet128' -> configs/imagenet128.yaml)."""
+def resolve_named_file(path: str | Path, folder: Path, kind: str) -> Path:
+    """A file path, or the bare name of a YAML file in ``folder`` ('imagenet128' -> folder/imagenet128.yaml);
+    otherwise an error listing the bundled ones."""
     p = Path(path)
     if p.exists():
         return p
-    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+    for candidate in (folder / p, folder / f"{p}.yaml"):
         if candidate.exists():
             return candidate
-    available = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config file {str(path)!r} not found (bundled configs: {', '.join(available)})")
+    available = sorted(q.stem for q in folder.glob("*.yaml"))
+    raise ConfigError(f"{kind} file {str(path)!r} not found (bundled {kind}s: {', '.join(available) or 'none'})")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or a bare name of a file in configs/ ('imagenet128' -> configs/imagenet128.yaml)."""
+    return resolve_named_file(path, CONFIG_DIR, "config")
 
 
 class YamlLoader(yaml.SafeLoader):

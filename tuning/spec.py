@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import (CONFIG_DIR, load_yaml_text, set_dotted, ConfigError, ExperimentConfig, coerce_value, field_types, unknown_key_error,
+from pipeline.config import (CONFIG_DIR, load_yaml_text, resolve_named_file, set_dotted, ConfigError, ExperimentConfig, coerce_value, field_types, unknown_key_error,
                              parse_override)
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -154,14 +154,7 @@ def read_yaml_text(text: str) -> Any:
 
 def resolve_sweep_path(path: str | Path) -> Path:
     """A sweep file path, or the bare name of one in configs/sweeps/ ('debug' -> configs/sweeps/debug.yaml)."""
-    p = Path(path)
-    if p.exists():
-        return p
-    for candidate in (SWEEP_DIR / p, SWEEP_DIR / f"{p}.yaml"):
-        if candidate.exists():
-            return candidate
-    available = sorted(q.stem for q in SWEEP_DIR.glob("*.yaml"))
-    raise ConfigError(f"sweep file {str(path)!r} not found (bundled sweeps: {', '.join(available) or 'none'})")
+    return resolve_named_file(path, SWEEP_DIR, "sweep")
 
 
 def _set_field(tree: dict[str, Any], key: str, value: Any) -> None:
