@@ -7,7 +7,6 @@ successful call and the gap is reported, never silently dropped.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -192,8 +191,3 @@ class MLflowTracker:
         except Exception as e:
             log.warning("could not close the MLflow run: %s", e)
 
-
-def image_to_png_bytes(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
