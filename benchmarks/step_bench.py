@@ -97,6 +97,17 @@ def count_flops(tr: CTRLTrainer, x: torch.Tensor, labels: torch.Tensor) -> float
     return float(fc.get_total_flops())
 
 
+def profile_step(tr: CTRLTrainer, x: torch.Tensor, labels: torch.Tensor, rows: int = 25) -> str:
+    """The GPU kernels of one full step, by total device time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        tr.train_step(x, labels)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS))
@@ -105,6 +116,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default="")
+    p.add_argument("--profile", default="", help="also write the top kernels of one full step to this file")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
@@ -121,6 +133,9 @@ def main() -> None:
                     times = time_steps(tr, x, labels, args.warmup, args.iters)
                     ms = statistics.median(times)
                     flops = count_flops(tr, x, labels) if not comp else float("nan")
+                    if args.profile and not networks_only:
+                        with open(args.profile, "a") as f:
+                            f.write(f"## {name} {precision} compile={comp}\n{profile_step(tr, x, labels)}\n")
                     row[f"{kind}_ms"] = ms
                     row[f"{kind}_img_s"] = x.shape[0] / (ms / 1000)
                     row[f"{kind}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

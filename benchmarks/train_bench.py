@@ -1,7 +1,9 @@
 """End-to-end `cscctrl train` throughput on GPUs: real shards through the streaming reader vs synthetic
 data (same run otherwise), and 1 vs N Ray Train workers at equal per-GPU batch.
 
-    python benchmarks/train_bench.py --shards DIR [--gpus 1,2] [--steps 200] [--out FILE]
+    python benchmarks/train_bench.py --shards DIR [--gpus 1,2] [--steps 200] [--out FILE] [KEY=VALUE ...]
+
+Trailing KEY=VALUE overrides go to every case (e.g. scaling.sync_batchnorm=false).
 
 Each case is a real `python -m pipeline train` subprocess (Ray Train, global-batch rate reduction,
 MLflow in a local sqlite store). Throughput is read from the progress lines: the median images/s of
@@ -50,10 +52,11 @@ def main() -> None:
     p.add_argument("--loader-workers", type=int, default=6, help="DataLoader processes per GPU worker")
     p.add_argument("--synthetic-only", action="store_true", help="skip the shard cases (scaling only)")
     p.add_argument("--out", default="")
+    p.add_argument("overrides", nargs="*", help="config overrides for every case (KEY=VALUE)")
     args = p.parse_args()
     rows = []
     for n in [int(g) for g in args.gpus.split(",")]:
-        common = [f"scaling.num_workers={n}", f"data.loader_workers={args.loader_workers}"]
+        common = [f"scaling.num_workers={n}", f"data.loader_workers={args.loader_workers}", *args.overrides]
         syn = run_case(f"synthetic-{n}gpu", common + ["data.synthetic=true"], args.steps, args.log_every)
         cases = [syn]
         if not args.synthetic_only:
@@ -64,7 +67,8 @@ def main() -> None:
             print(r, flush=True)
     base = {r["case"].split("-")[0]: r["img_s"] for r in rows if r["gpus"] == 1}
     lines = [f"`cscctrl train` end to end | prototype-equal 32 px config, multiclass (10), batch 2000 per GPU, "
-             f"bf16 | {datetime.date.today().isoformat()} | {args.steps} steps, median of logging windows after the first\n",
+             f"bf16 | {datetime.date.today().isoformat()} | {args.steps} steps, median of logging windows after the first"
+             f"{' | ' + ' '.join(args.overrides) if args.overrides else ''}\n",
              "| case | GPUs | images/s | per GPU | vs synthetic (same GPUs) | scaling vs 1 GPU | data wait % |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -92,15 +92,33 @@ def broadcast_parameters(module: nn.Module) -> None:
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode moments are those of the global batch across ranks.
 
-        μ = Σ_r Σ x / N,   σ² = Σ_r Σ x² / N − μ²,   N = Σ_r b_r·h·w     (one differentiable all-reduce)
+        μ = Σ_r Σ x / N,   σ² = Σ_r Σ x² / N − μ²,   N = Σ_r b_r·h·w
 
-    Unlike ``nn.SyncBatchNorm`` it runs on CPU (gloo) too, which the parity test needs. The moments
-    are computed in fp32 (fp64 for float64 inputs) whatever the autocast dtype. Evaluation mode uses the running statistics.
+    Two implementations of the same statistics, chosen per call:
+
+    * CUDA tensors on an NCCL group: ``_FusedGlobalBatchNorm``, torch's fused batch-norm kernels (one
+      Welford pass for the local moments, one all-gather, one elementwise pass; the backward likewise
+      with one all-reduce). It is what ``nn.SyncBatchNorm`` computes, minus SyncBatchNorm's filtering of
+      empty ranks by a boolean mask: that indexing copies the mask to the host, i.e. one host-device
+      synchronisation per BatchNorm call (dozens per CTRL step; it cost 2-GPU scaling ~15 %). Every
+      rank holds a full batch here, so no rank is empty and nothing needs filtering.
+    * elsewhere (CPU/gloo, which the parity test uses): plain autograd ops around one differentiable
+      all-reduce of (Σx, Σx², n), in fp32 (fp64 for float64 inputs) whatever the autocast dtype.
+
+    Evaluation mode uses the running statistics.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return super().forward(x)
+        if x.is_cuda and self.momentum is not None and is_distributed() and dist.get_backend() == "nccl":
+            if self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+            return _FusedGlobalBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                               self.eps, self.momentum, world_size())
+        return self._forward_autograd(x)
+
+    def _forward_autograd(self, x: Tensor) -> Tensor:
         xf = x if x.dtype == torch.float64 else x.float()
         # new_full is a fill kernel; torch.tensor([...], device=cuda) would be a host-to-device copy
         # that makes the host wait for the GPU at every BatchNorm call.
@@ -124,14 +142,65 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
-def convert_batchnorm(module: nn.Module, device: torch.device | None = None) -> nn.Module:
-    """Global-batch BatchNorm for every nn.BatchNorm2d in ``module`` (in place, keeping parameters and
-    running statistics): torch's fused ``nn.SyncBatchNorm`` on CUDA, ``GlobalBatchNorm2d`` elsewhere.
+class _FusedGlobalBatchNorm(torch.autograd.Function):
+    """Global-batch BatchNorm on CUDA/NCCL with torch's fused kernels and no host synchronisation.
 
-    Both follow the gradient convention above: SyncBatchNorm's backward sums the incoming gradients over
-    ranks, exactly like the autograd all-reduce of GlobalBatchNorm2d's moments."""
-    if device is not None and device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    forward:  local (μ_r, 1/σ_r, n_r) by one Welford pass → all-gather (2C+1 values per rank) →
+              global (μ, 1/σ) from the per-rank moments and counts (also updates the running stats)
+              → y = (x − μ)/σ · γ + β in one elementwise pass.
+    backward: local Σdy and Σdy·(x − μ) (and ∂γ, ∂β of the local samples) → all-reduce SUM of the
+              two channel sums → dx in one elementwise pass. Summing the incoming gradients over ranks
+              is the convention of this module's docstring; ∂γ, ∂β stay local and are averaged by
+              ``average_gradients`` with the other parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                running_var: Tensor | None, eps: float, momentum: float, world: int) -> Tensor:
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
+        c = x.shape[1]
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        count = mean.new_full((1,), x.numel() // c)
+        local = torch.cat([mean, invstd, count])
+        gathered = local.new_empty(world * local.numel())
+        dist.all_gather_into_tensor(gathered, local)
+        mean_all, invstd_all, count_all = gathered.view(world, 2 * c + 1).split([c, c, 1], dim=1)
+        counts = count_all.reshape(-1)
+        if running_mean is not None:
+            counts = counts.to(running_mean.dtype)
+        mean, invstd = torch.batch_norm_gather_stats_with_counts(
+            x, mean_all, invstd_all, running_mean, running_var, momentum, eps, counts)
+        ctx.save_for_backward(x, weight, mean, invstd, count_all.reshape(-1).to(torch.int32))
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        if not grad_out.is_contiguous(memory_format=torch.channels_last):
+            grad_out = grad_out.contiguous()
+        x, weight, mean, invstd, counts = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu, grad_w, grad_b = torch.batch_norm_backward_reduce(
+            grad_out, x, mean, invstd, weight, need_x, need_w, need_b)
+        grad_x = None
+        if need_x:
+            c = sum_dy.shape[0]
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            sum_dy, sum_dy_xmu = sums.split(c)
+            w = weight.to(mean.dtype) if weight is not None else None
+            grad_x = torch.batch_norm_backward_elemt(grad_out, x, mean, invstd, w, sum_dy, sum_dy_xmu, counts)
+        return (grad_x, grad_w if need_w else None, grad_b if need_b else None,
+                None, None, None, None, None)
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every nn.BatchNorm2d in ``module`` by a ``GlobalBatchNorm2d`` (in place, keeping parameters
+    and running statistics): global-batch moments, with fused kernels on CUDA/NCCL and with plain
+    autograd ops elsewhere.
+
+    Both paths follow the gradient convention above: the backward sums the incoming gradients over
+    ranks, exactly like the autograd all-reduce of ``all_reduce_sum``."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):
             new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
@@ -139,7 +208,7 @@ def convert_batchnorm(module: nn.Module, device: torch.device | None = None) -> 
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:
-            convert_batchnorm(child, device)
+            convert_batchnorm(child)
     return module
 
 

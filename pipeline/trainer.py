@@ -97,8 +97,8 @@ class CTRLTrainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         encoder, decoder = build_models(cfg.model)
         if distributed.is_distributed() and cfg.scaling.sync_batchnorm:
-            distributed.convert_batchnorm(encoder, device)
-            distributed.convert_batchnorm(decoder, device)
+            distributed.convert_batchnorm(encoder)
+            distributed.convert_batchnorm(decoder)
         fmt = torch.channels_last if (device.type == "cuda" and cfg.train.channels_last) else torch.contiguous_format
         self.dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32
         self.raw_encoder = encoder.to(device, dtype=self.dtype, memory_format=fmt)

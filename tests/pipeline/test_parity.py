@@ -36,7 +36,7 @@ def _inputs():
     return x, labels
 
 
-def _one_iteration(mode: str, world: int, rank: int) -> dict[str, torch.Tensor]:
+def _one_iteration(mode: str, world: int, rank: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     from pipeline.trainer import CTRLTrainer
 
     class Null:
@@ -48,7 +48,10 @@ def _one_iteration(mode: str, world: int, rank: int) -> dict[str, torch.Tensor]:
     x, labels = _inputs()
     if world == 2:
         x, labels = x[rank * B:(rank + 1) * B], labels[rank * B:(rank + 1) * B]
-    trainer = CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=3, batches=iter(()), reporter=Null())
+    if device == "cuda":
+        device = f"cuda:{rank}"
+        x, labels = x.to(device), labels.to(device)
+    trainer = CTRLTrainer(cfg, device=torch.device(device), num_classes=3, batches=iter(()), reporter=Null())
     out: dict[str, torch.Tensor] = {}
     enc_terms = trainer.encoder_step(x, labels)
     out.update({f"enc_term/{k}": v.detach() for k, v in enc_terms.as_dict().items()})
@@ -60,15 +63,17 @@ def _one_iteration(mode: str, world: int, rank: int) -> dict[str, torch.Tensor]:
                 if id(p) in own and p.grad is not None})
     out.update({f"param/enc/{n}": p.detach().clone() for n, p in trainer.raw_encoder.named_parameters()})
     out.update({f"param/dec/{n}": p.detach().clone() for n, p in trainer.raw_decoder.named_parameters()})
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
-def _worker(rank: int, mode: str, port: int, path: str) -> None:
+def _worker(rank: int, mode: str, port: int, path: str, device: str = "cpu") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=2)
     try:
-        out = _one_iteration(mode, 2, rank)
+        out = _one_iteration(mode, 2, rank, device)
         torch.save(out, f"{path}.rank{rank}")
     finally:
         dist.destroy_process_group()
@@ -80,11 +85,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    # NCCL and the fused global BatchNorm of pipeline/distributed.py (its CUDA path).
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _two_gpus(), reason="needs 2 GPUs")]),
+])
 @pytest.mark.parametrize("mode", ["binary", "multiclass"])
-def test_two_workers_equal_one_worker_with_twice_the_batch(mode, tmp_path):
-    single = _one_iteration(mode, 1, 0)
+def test_two_workers_equal_one_worker_with_twice_the_batch(mode, device, tmp_path):
+    single = _one_iteration(mode, 1, 0, device)
     path = str(tmp_path / "out")
-    mp.start_processes(_worker, args=(mode, _free_port(), path), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(mode, _free_port(), path, device), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(f"{path}.rank{r}", weights_only=True) for r in range(2)]
 
     assert set(single) == set(ranks[0])
