@@ -6,6 +6,9 @@ Builders (the only place a ModelConfig becomes modules):
     build_decoder(cfg, encoder) -> CSCDecoder   g (the encoder is needed when cfg.decoder_dictionaries == "tied")
     build_models(cfg) -> (encoder, decoder)
     create_model(name) -> (encoder, decoder)    from a named preset (models/presets.py)
+
+cfg.layer == "conv" builds the same networks with plain (transposed) convolutions in place of the CSC
+layers: the baseline of models/conv.py.
 """
 from __future__ import annotations
 

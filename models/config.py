@@ -8,6 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+ARCHITECTURE_KEYS = ("layer", "image_size", "in_channels", "ndf", "ngf", "nz", "decoder_dictionaries")
+"""The ModelConfig fields that fix what a model's weights are: their shapes, and (``layer``) whether they are
+CSC dictionaries or plain convolution filters, which have the same shapes. A checkpoint resumes and a
+registered model name takes a new version only where all of them agree (pipeline/checkpoint.py
+``check_architecture``, pipeline/workflow.py)."""
+
 
 @dataclass
 class ModelConfig:
@@ -31,6 +37,17 @@ class ModelConfig:
 
     nz: int = 512
     """Feature dimension d of z = f(x) / ‖f(x)‖ on the unit sphere."""
+
+    layer: Literal["csc", "conv"] = "csc"
+    """What each encoder and decoder stage is. 'csc': convolutional sparse coding (REFERENCE.md §2), the
+    CSC-CTRL model. 'conv': the "CTRL with plain convolutions" baseline of the same size (models/conv.py):
+    every CSC stage of the encoder becomes an ordinary convolution of the same kernel, stride, padding and
+    channels (bias-free, as the CSC layer has none), and every synthesis stage of the decoder an ordinary
+    transposed convolution of the same shape (weights not normalised); everything else (BatchNorm,
+    activations, widths, normalisation of z, the CTRL game) is unchanged, and so is the parameter count.
+    With 'conv' the solver fields below (n_steps, lam, stage2_lam_scale, lam_per_stage, mu, nonneg,
+    nonneg_features, solver, power_iters, power_iters_warm) have no effect, and decoder_dictionaries
+    must be 'separate'."""
 
     n_steps: int = 2
     """Unrolled proximal-gradient steps n per CSC layer (SDNet default 2)."""
@@ -89,6 +106,13 @@ class ModelConfig:
             raise ValueError(f"model.stage2_lam_scale={self.stage2_lam_scale}: must be >= 0")
         if self.mu < 0:
             raise ValueError(f"model.mu={self.mu}: must be >= 0")
+        if self.layer not in ("csc", "conv"):
+            raise ValueError(f"model.layer={self.layer!r}: must be one of 'csc' (CSC-CTRL), 'conv' (the "
+                             f"plain-convolution baseline)")
+        if self.layer == "conv" and self.decoder_dictionaries == "tied":
+            raise ValueError("model.layer='conv' cannot have model.decoder_dictionaries='tied': tied decoders "
+                             "synthesise with the encoder's CSC dictionaries, and the conv baseline has none. "
+                             "Set model.decoder_dictionaries=separate (or model.layer=csc).")
         if self.lam_per_stage and len(self.lam_per_stage) != self.num_stages:
             raise ValueError(
                 f"model.lam_per_stage has {len(self.lam_per_stage)} values but image_size={self.image_size} "

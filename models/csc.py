@@ -380,7 +380,9 @@ class SynthesisLayer(nn.Module):
 
 def refresh_dictionaries(module: nn.Module) -> int:
     """Call ``refresh()`` on every CSCLayer and SynthesisLayer inside ``module`` (after an optimizer step
-    of its owner). Returns how many layers were refreshed."""
+    of its owner). Returns how many layers were refreshed. The plain convolutions of the baseline
+    (models/conv.py) have no atoms to project and no step size, so they are left alone: for a
+    ``layer="conv"`` network this is a no-op that returns 0."""
     count = 0
     for layer in module.modules():
         if isinstance(layer, (CSCLayer, SynthesisLayer)):

@@ -11,7 +11,9 @@ and an explicit output size (output padding derived from it), so odd or non-powe
 exact. Dictionaries: 'separate' (default) gives the decoder its own atoms, a true second player as in CTRL;
 'tied' synthesises stage j with the matching encoder CSCLayer's dictionary A_l (shape (M_l, C_l, k, k):
 M_l atoms back to C_l channels, exactly the synthesis operator of that layer), as in the authors' prototype.
-Tied decoders then own only their BatchNorm affine parameters.
+Tied decoders then own only their BatchNorm affine parameters. With ``ModelConfig.layer = "conv"`` (the
+plain-convolution baseline) every synthesis stage is a ``models.conv.ConvTransposeLayer`` of the same shape,
+whose weights are not normalised; the rest of the stack is unchanged.
 """
 from __future__ import annotations
 
@@ -19,15 +21,25 @@ import torch
 from torch import Tensor, nn
 
 from models.config import ModelConfig
+from models.conv import ConvTransposeLayer
 from models.csc import CSCLayer, SynthesisLayer
 from models.encoder import CSCEncoder, encoder_widths
+
+
+def make_synthesis_layer(cfg: ModelConfig, num_atoms: int, out_channels: int, kernel_size: int, stride: int,
+                         padding: int, tied_to: CSCLayer | None = None) -> SynthesisLayer | ConvTransposeLayer:
+    """A decoder layer of ``cfg.layer``: a SynthesisLayer (own unit-norm atoms, or ``tied_to``'s), or for the
+    baseline ``cfg.layer == "conv"`` a ConvTransposeLayer of the same shape (ModelConfig rejects conv + tied)."""
+    if cfg.layer == "conv":
+        return ConvTransposeLayer(num_atoms, out_channels, kernel_size, stride, padding)
+    return SynthesisLayer(num_atoms, out_channels, kernel_size, stride, padding, tied_to=tied_to)
 
 
 class DecoderStage(nn.Module):
     """Synthesis to an explicit output size → (BatchNorm → ReLU | Tanh). The owning decoder prepares the
     synthesis layer (unit-norm atoms) before calling it."""
 
-    def __init__(self, synthesis: SynthesisLayer, out_size: int, last: bool) -> None:
+    def __init__(self, synthesis: SynthesisLayer | ConvTransposeLayer, out_size: int, last: bool) -> None:
         super().__init__()
         self.synthesis = synthesis
         self.out_size = out_size
@@ -59,11 +71,12 @@ class CSCDecoder(nn.Module):
         resolutions = cfg.resolutions
         widths = encoder_widths(cfg, cfg.decoder_width)  # channels at resolutions[1], resolutions[2], …
         # Mirror order: the final 1×1 stage first, then the halving stages from deep to shallow.
-        stages = [DecoderStage(SynthesisLayer(cfg.nz, widths[-1], resolutions[-1], 1, 0, tied_to=encoder_layers[-1]),
+        stages = [DecoderStage(make_synthesis_layer(cfg, cfg.nz, widths[-1], resolutions[-1], 1, 0,
+                                                    tied_to=encoder_layers[-1]),
                                out_size=resolutions[-1], last=False)]
         for j in reversed(range(len(widths))):
             out_channels = widths[j - 1] if j > 0 else cfg.in_channels
-            synthesis = SynthesisLayer(widths[j], out_channels, 4, 2, 1, tied_to=encoder_layers[j])
+            synthesis = make_synthesis_layer(cfg, widths[j], out_channels, 4, 2, 1, tied_to=encoder_layers[j])
             stages.append(DecoderStage(synthesis, out_size=resolutions[j], last=j == 0))
         self.stages = nn.ModuleList(stages)
 
@@ -77,8 +90,9 @@ class CSCDecoder(nn.Module):
         here, so this equals ``list(self.parameters())``; it is spelled out for the trainer's intent."""
         return list(self.parameters())
 
-    def synthesis_layers(self) -> list[SynthesisLayer]:
-        """The synthesis layers in decoder order (1×1 → image)."""
+    def synthesis_layers(self) -> list[SynthesisLayer | ConvTransposeLayer]:
+        """The synthesis layers in decoder order (1×1 → image); for the baseline (cfg.layer == "conv") the
+        ConvTransposeLayers in their place."""
         return [stage.synthesis for stage in self.stages]
 
     @torch.compiler.disable  # Python-side bookkeeping, once per forward: the stages then form one graph

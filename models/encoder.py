@@ -7,7 +7,9 @@
                    ── flatten, z = f(x) / ‖f(x)‖₂                              z (b, nz) on the unit sphere
 
 The stage sizes come from ``ModelConfig.resolutions`` (32 → [32, 16, 8, 4]); λ per stage from
-``ModelConfig.stage_lams()``. Each CSC stage is a ``models.csc.CSCLayer`` (unrolled FISTA/ISTA).
+``ModelConfig.stage_lams()``. Each CSC stage is a ``models.csc.CSCLayer`` (unrolled FISTA/ISTA); with
+``ModelConfig.layer = "conv"`` (the plain-convolution baseline) it is a ``models.conv.ConvLayer`` of the same
+kernel, stride, padding and channels, and everything else stays as drawn above.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelConfig
+from models.conv import ConvLayer
 from models.csc import CSCLayer
 
 LEAKY_SLOPE = 0.2
@@ -23,8 +26,11 @@ LEAKY_SLOPE = 0.2
 
 
 def make_csc_layer(cfg: ModelConfig, in_channels: int, num_atoms: int, kernel_size: int, stride: int,
-                   padding: int, lam: float, nonneg: bool | None = None) -> CSCLayer:
-    """A CSCLayer with the solver settings of ``cfg`` (the one place they are read)."""
+                   padding: int, lam: float, nonneg: bool | None = None) -> CSCLayer | ConvLayer:
+    """An encoder layer of ``cfg.layer``: a CSCLayer with the solver settings of ``cfg`` (the one place they
+    are read), or for the baseline ``cfg.layer == "conv"`` a ConvLayer of the same shape (no solver)."""
+    if cfg.layer == "conv":
+        return ConvLayer(in_channels, num_atoms, kernel_size, stride, padding)
     return CSCLayer(in_channels, num_atoms, kernel_size, stride, padding, n_steps=cfg.n_steps, lam=lam,
                     mu=cfg.mu, nonneg=cfg.nonneg if nonneg is None else nonneg, solver=cfg.solver,
                     power_iters=cfg.power_iters, power_iters_warm=cfg.power_iters_warm)
@@ -36,10 +42,10 @@ def encoder_widths(cfg: ModelConfig, base: int) -> list[int]:
 
 
 class EncoderStage(nn.Module):
-    """CSC → (BatchNorm) → LeakyReLU(0.2); returns the activation and the sparse code. The owning encoder
-    prepares the CSC layer (atoms, step size) before calling it."""
+    """CSC → (BatchNorm) → LeakyReLU(0.2); returns the activation and the sparse code (the conv output for
+    the baseline). The owning encoder prepares the CSC layer (atoms, step size) before calling it."""
 
-    def __init__(self, csc: CSCLayer, batch_norm: bool) -> None:
+    def __init__(self, csc: CSCLayer | ConvLayer, batch_norm: bool) -> None:
         super().__init__()
         self.csc = csc
         self.norm: nn.Module = nn.BatchNorm2d(csc.num_atoms) if batch_norm else nn.Identity()
@@ -70,8 +76,9 @@ class CSCEncoder(nn.Module):
         self.final = make_csc_layer(cfg, channels, cfg.nz, kernel_size=resolutions[-1], stride=1, padding=0,
                                     lam=lams[-1], nonneg=cfg.nonneg and cfg.nonneg_features)
 
-    def csc_layers(self) -> list[CSCLayer]:
-        """The CSC layers in input-to-output order (the halving stages, then the final 1×1 stage)."""
+    def csc_layers(self) -> list[CSCLayer | ConvLayer]:
+        """The CSC layers in input-to-output order (the halving stages, then the final 1×1 stage); for the
+        baseline (cfg.layer == "conv") the ConvLayers in their place."""
         return [stage.csc for stage in self.stages] + [self.final]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -80,7 +87,8 @@ class CSCEncoder(nn.Module):
 
     def forward_with_codes(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """z (b, nz) and the sparse code of every CSC stage (before BatchNorm/activation), input to output:
-        [(b, ndf, S/2, S/2), …, (b, nz, 1, 1)], for sparsity metrics and pictures."""
+        [(b, ndf, S/2, S/2), …, (b, nz, 1, 1)], for sparsity metrics and pictures. For the baseline these
+        are the (dense) conv outputs at the same places."""
         self._check_input(x)
         self.prepare()
         codes = []

@@ -2,6 +2,8 @@
 
 Ray Train copies a reported checkpoint directory to ``run.storage_path/<run name>/checkpoint_*``;
 ``find_latest`` locates the newest one there for ``cscctrl eval`` and for in-process runs.
+``check_architecture`` refuses a checkpoint whose stored config describes another model than the one it
+would be loaded into.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from models.config import ARCHITECTURE_KEYS, ModelConfig
 
 STATE_FILE = "state.pt"
 
@@ -36,6 +40,28 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path} (expected a directory holding {STATE_FILE})")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_architecture(state: dict[str, Any], model: ModelConfig, source: str | Path = "the checkpoint") -> None:
+    """Raise ValueError unless the model config stored in ``state`` (a checkpoint written by the trainer)
+    agrees with ``model`` on every ARCHITECTURE_KEYS field. The stored config decides, not the tensors: the
+    plain-convolution baseline (model.layer='conv') has the CSC model's parameter shapes, and its decoder
+    even the same state-dict keys, so shapes alone would let a CSC checkpoint load into a conv model.
+    A key missing from an older checkpoint's config takes ModelConfig's default (layer: 'csc')."""
+    config = state.get("config")
+    stored = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{source}: no model config in the checkpoint, so its architecture cannot be checked")
+    defaults = ModelConfig()
+    differ = []
+    for key in ARCHITECTURE_KEYS:
+        theirs, ours = stored.get(key, getattr(defaults, key)), getattr(model, key)
+        if theirs != ours:
+            differ.append(f"model.{key}: checkpoint {theirs!r}, this config {ours!r}")
+    if differ:
+        raise ValueError(f"{source} was written by another architecture ({'; '.join(differ)}); refusing to load "
+                         f"it. Use another run.name (or none: it is then derived from the config), or set these "
+                         f"keys to the checkpoint's values.")
 
 
 def load_ray_checkpoint(checkpoint: Any) -> dict[str, Any]:

@@ -39,7 +39,8 @@ GRID_IMAGES = 32  # images in a real-vs-reconstruction grid
 
 @torch.no_grad()
 def training_images(trainer: Any, x: Tensor) -> dict[str, Any]:
-    """Real-vs-reconstruction grid and the stage-1 dictionary atoms (pixel space) of the encoder.
+    """Real-vs-reconstruction grid and the stage-1 dictionary atoms (pixel space) of the encoder (its
+    filters for the plain-convolution baseline).
     Run in eval mode (running BN statistics: no collective, safe on rank 0 alone)."""
     from pipeline.images import atom_tiles, recon_grid
 
@@ -52,16 +53,19 @@ def training_images(trainer: Any, x: Tensor) -> dict[str, Any]:
     finally:
         enc.train(was_training[0]), dec.train(was_training[1])
     return {"recon": recon_grid(xs.cpu(), x_hat.cpu()),
-            "atoms_stage1": atom_tiles(first_csc_weight(enc).detach().float().cpu())}
+            "atoms_stage1": atom_tiles(first_stage_weight(enc).detach().float().cpu())}
 
 
-def first_csc_weight(encoder: nn.Module) -> Tensor:
+def first_stage_weight(encoder: nn.Module) -> Tensor:
+    """The weight (M, C, k, k) of the encoder's first stage, whose M filters live in pixel space: the
+    dictionary atoms of a CSC model, the convolution filters of the plain-convolution baseline."""
+    from models.conv import ConvLayer
     from models.csc import CSCLayer
 
     for m in encoder.modules():
-        if isinstance(m, CSCLayer):
+        if isinstance(m, (CSCLayer, ConvLayer)):
             return m.weight
-    raise ValueError("the encoder has no CSC layer")
+    raise ValueError("the encoder has no CSC or convolution layer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,8 +212,8 @@ def load_trained(source: str, tracking_uri: str = "") -> tuple[ExperimentConfig,
         encoder.load_state_dict(state["encoder"])
         decoder.load_state_dict(state["decoder"])
     except RuntimeError as e:
-        raise ValueError(f"{latest}: the checkpoint does not match the architecture in its config: "
-                         f"{str(e).splitlines()[0]}") from e
+        raise ValueError(f"{latest}: the checkpoint does not match the architecture in its config "
+                         f"(model.layer={cfg.model.layer}): {str(e).splitlines()[0]}") from e
     return cfg, encoder, decoder, f"{latest} (step {state['step']})"
 
 
@@ -294,7 +298,8 @@ def _main(args: argparse.Namespace) -> int:
         ref = evaluate_model(encoder, decoder, loader(args.reference_split), keep_features=True, **common)
         metrics.update(feature_accuracy(ref, test, manifest.num_classes))
     trained_on = cfg.data.shards
-    report = {"model": desc, "trained_on": trained_on, "evaluated_on": f"{data} [{args.split}]",
+    report = {"model": desc, "layer": cfg.model.layer, "trained_on": trained_on,
+              "evaluated_on": f"{data} [{args.split}]",
               "generalisation": data != trained_on, "metrics": metrics}
     out = Path(args.out) if args.out else Path(cfg.run.storage_path) / cfg.run.name / f"eval-{args.split}"
     from pipeline.report import write_report

@@ -4,6 +4,8 @@ Pictures (REFERENCE.md §7): real-vs-reconstruction grid; the dictionary atoms o
 (stage 1 in pixel space; deeper stages by decoding one-hot codes through the decoder); per-stage code
 activation maps for a few images; per-stage histograms of atom usage (sparsity); ΔR / PSNR curves over
 training from the MLflow history when it is available. Opens offline: no scripts, images side by side.
+The plain-convolution baseline (model.layer=conv) gets the same pictures, captioned as filters and
+feature maps (WORDS).
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ from torch import Tensor, nn
 
 ATOMS_SHOWN = 64  # atoms per stage in the tiles
 ACTIVATION_IMAGES = 4  # images whose per-stage code maps are shown
+WORDS = {"csc": {"title": "CSC-CTRL", "weights": "dictionary atoms", "unit": "atom", "code": "code"},
+         "conv": {"title": "CTRL with plain convolutions", "weights": "filters", "unit": "channel",
+                  "code": "feature map"}}
+"""How the report names a stage's weights, its output channels and its output, per model.layer (the
+conv baseline has no dictionary and no sparse code)."""
 
 
 @torch.no_grad()
@@ -46,7 +53,7 @@ def decoded_atoms(encoder: nn.Module, decoder: nn.Module, stage: int, count: int
 def write_report(out: Path, report: dict[str, Any], encoder: nn.Module, decoder: nn.Module, result: Any,
                  cfg: Any, history: dict[str, list[tuple[int, float]]] | None = None) -> Path:
     """Write the report folder; returns the path of report.html."""
-    from pipeline.evaluate import first_csc_weight
+    from pipeline.evaluate import first_stage_weight
     from pipeline.images import (atom_tiles, code_activation_maps, curves_plot, recon_grid, save_png,
                                  sparsity_histogram)
 
@@ -59,21 +66,22 @@ def write_report(out: Path, report: dict[str, Any], encoder: nn.Module, decoder:
 
     if result.example is not None:
         add(recon_grid(*result.example), "recon.png", "Real images (odd rows) and reconstructions g(f(x)) (even rows)")
-    add(atom_tiles(first_csc_weight(encoder).detach().float().cpu()[:ATOMS_SHOWN]), "atoms_stage1.png",
-        "Stage-1 dictionary atoms in pixel space")
+    w = WORDS[cfg.model.layer]
+    add(atom_tiles(first_stage_weight(encoder).detach().float().cpu()[:ATOMS_SHOWN]), "atoms_stage1.png",
+        f"Stage-1 {w['weights']} in pixel space")
     halving = len(encoder.csc_layers()) - 1
     for stage in range(2, halving + 1):
         add(atom_tiles(decoded_atoms(encoder, decoder, stage)), f"atoms_stage{stage}.png",
-            f"Stage-{stage} atoms, decoded from one-hot codes through the decoder")
+            f"Stage-{stage} {w['unit']}s, decoded from one-hot {w['code']}s through the decoder")
     if result.example is not None:
         x = result.example[0][:ACTIVATION_IMAGES].to(next(encoder.parameters()).device)
         with torch.no_grad():
             _, codes = encoder.forward_with_codes(x)
         add(code_activation_maps([c.float().cpu() for c in codes[:-1]], x.cpu()), "code_maps.png",
-            "Per-stage code activity (mean |code| over atoms) for a few images")
+            f"Per-stage {w['code']} activity (mean |{w['code']}| over {w['unit']}s) for a few images")
     if result.sparsity_per_atom:
         add(sparsity_histogram({f"stage {i + 1}": u.numpy() for i, u in enumerate(result.sparsity_per_atom)}),
-            "sparsity_hist.png", "Fraction of non-zero code entries per atom, per stage")
+            "sparsity_hist.png", f"Fraction of non-zero {w['code']} entries per {w['unit']}, per stage")
     if history:
         add(curves_plot(history), "curves.png", "Training curves from the MLflow history")
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -89,12 +97,13 @@ def _html(report: dict[str, Any], figures: list[tuple[str, str]], cfg: Any) -> s
     figs = "".join(f'<figure><img src="{name}" alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}'
                    f"</figcaption></figure>" for name, cap in figures)
     meta = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(report[k]))}</li>"
-                   for k in ("model", "trained_on", "evaluated_on", "generalisation"))
+                   for k in ("model", "layer", "trained_on", "evaluated_on", "generalisation"))
+    title = WORDS[cfg.model.layer]["title"]
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>CSC-CTRL evaluation: {html.escape(cfg.run.name)}</title>
+<html><head><meta charset="utf-8"><title>{title} evaluation: {html.escape(cfg.run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td{{border:1px solid #ccc;padding:2px 8px}}figure{{display:inline-block;margin:8px;vertical-align:top}}
 img{{max-width:520px;image-rendering:pixelated}}</style></head>
-<body><h1>CSC-CTRL evaluation: {html.escape(cfg.run.name)}</h1><ul>{meta}</ul>
+<body><h1>{title} evaluation: {html.escape(cfg.run.name)}</h1><ul>{meta}</ul>
 <h2>Metrics</h2><table>{rows}</table><h2>Pictures</h2>{figs}</body></html>
 """

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from pipeline import distributed
-from pipeline.checkpoint import checkpoint_dir_name, find_latest, load_ray_checkpoint, load_state, save_state
+from pipeline.checkpoint import (check_architecture, checkpoint_dir_name, find_latest, load_ray_checkpoint, load_state,
+                                 save_state)
 from pipeline.config import ExperimentConfig
 from pipeline.trainer import CTRLTrainer
 
@@ -89,14 +90,19 @@ def _device(cfg: ExperimentConfig, local_mode: bool) -> torch.device:
 
 def _resume_state(cfg: ExperimentConfig, local_mode: bool) -> dict[str, Any] | None:
     """The last checkpoint of this run name: Ray's (restored from storage_path/name), or in local mode
-    the newest one this module persisted itself."""
+    the newest one this module persisted itself. A checkpoint of another architecture (say a CSC run
+    resumed under the same run.name with model.layer=conv) is refused by its stored config."""
     import ray.train
 
     if local_mode:
         latest = find_latest(run_dir(cfg)) if Path(run_dir(cfg)).exists() else None
-        return load_state(latest) if latest else None
-    ckpt = ray.train.get_checkpoint()
-    return load_ray_checkpoint(ckpt) if ckpt else None
+        state, source = (load_state(latest) if latest else None), str(latest)
+    else:
+        ckpt = ray.train.get_checkpoint()
+        state, source = (load_ray_checkpoint(ckpt) if ckpt else None), f"the last checkpoint of run {cfg.run.name}"
+    if state is not None:
+        check_architecture(state, cfg.model, source)
+    return state
 
 
 def resolve_num_classes(cfg: ExperimentConfig) -> int:

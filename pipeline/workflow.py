@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import yaml
 
+from models.config import ARCHITECTURE_KEYS  # a registered name keeps them across versions
 from pipeline.config import ConfigError, ExperimentConfig, coerce_value, load_config
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 STAGES = ("shard", "verify", "tune", "train", "evaluate", "register")
 WORKFLOW_DIR = Path(__file__).with_name("workflows")
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
-# Model keys that fix the shapes of the weights: a registered name keeps them across versions.
-ARCHITECTURE_KEYS = ("image_size", "in_channels", "ndf", "ngf", "nz", "decoder_dictionaries")
 KIND_TAG = "cscctrl.kind"
 WORKFLOW_TAG = "cscctrl.workflow"
 STAGE_TAG = "cscctrl.stage"
@@ -872,7 +871,8 @@ def check_workflow(wf: Workflow, from_stage: str | None, uri: str) -> None:
 
 
 def check_registered_architecture(uri: str, name: str, cfg: ExperimentConfig) -> None:
-    """A registered name holds one architecture: refuse to add a version whose weights have other shapes."""
+    """A registered name holds one architecture: refuse to add a version whose weights have other shapes or
+    are of another layer type (CSC vs plain convolutions: models.config.ARCHITECTURE_KEYS)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

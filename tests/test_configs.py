@@ -144,3 +144,13 @@ def test_prototype32_matches_the_authors_prototype():
     assert cfg.objective.mode == "multiclass" and cfg.objective.num_classes == 10
     assert cfg.global_batch_size == 2000
     assert cfg.scaling.num_workers == 1 and cfg.scaling.use_gpu
+
+
+def test_fashion_mnist32_conv_is_fashion_mnist32_with_plain_convolutions():
+    """The baseline of the comparison table differs from the CSC run in model.layer and nothing else."""
+    csc = load_config(CONFIG_DIR / "fashion_mnist32.yaml")
+    conv = load_config(CONFIG_DIR / "fashion_mnist32_conv.yaml")
+    assert conv.model.layer == "conv" and csc.model.layer == "csc"
+    tree = conv.to_dict()
+    tree["model"]["layer"] = "csc"
+    assert tree == csc.to_dict()

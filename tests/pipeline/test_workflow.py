@@ -132,11 +132,13 @@ def test_registered_name_of_another_architecture_is_refused(tmp_path, capsys):
     exp = client.create_experiment("other")
     run = client.create_run(exp).info.run_id
     client.log_param(run, "model.ndf", "64")  # csc_ctrl_debug has a different ndf
+    client.log_param(run, "model.layer", "conv")  # the plain-convolution baseline: same shapes, other weights
     client.create_registered_model("arch-model")
     client.create_model_version("arch-model", source=str(tmp_path), run_id=run)
     assert _main(path) == 2
     err = capsys.readouterr().err
     assert "already taken by another architecture" in err and "model.ndf: registered 64" in err
+    assert "model.layer: registered conv, this workflow csc" in err
     assert not (store / "workflows").exists()
 
 
