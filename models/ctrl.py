@@ -11,7 +11,7 @@ References: CTRL (Dai et al., Entropy 2022, eq. 13-15: the multi-class game; the
     consistency: C = Σᵢ (1 − cos(zᵢ, ẑᵢ))   (= Σᵢ (1 − ⟨zᵢ, ẑᵢ⟩) on unit-norm rows)
 
 Terms are returned POSITIVE; the sign flip between the players is the trainer's (one place:
-``pipeline/trainer.player_loss``), which also adds λ₂·C to BOTH players' losses (both minimise it).
+``pipeline/trainer.player_loss``), which also adds λ₂·C as a term of the game: g minimises it, f maximises it.
 
 Statistics first, then the objective: ``ctrl_statistics`` reduces a (local) batch to per-class Grams of Z and
 Ẑ, counts and the consistency sum; they are sums over samples, so summing them across ranks gives the
@@ -80,7 +80,7 @@ class CTRLTerms:
     """Named positive terms of the CTRL game value (0-dim tensors; None where the mode has no such term).
 
     objective:       T, the game value (f maximises, g minimises)
-    consistency:     Σᵢ (1 − cos(zᵢ, ẑᵢ)), minimised by both players with weight λ₂ (trainer)
+    consistency:     Σᵢ (1 − cos(zᵢ, ẑᵢ)), a term of the game with weight λ₂ (trainer: g minimises, f maximises)
     rate_z:          R(Z) (enters T only with rate_weight)
     delta_r_z_zhat:  ΔR(Z, Ẑ)                    binary
     delta_r_z:       ΔR(Z|Π)                      multiclass
