@@ -141,3 +141,44 @@ def test_in_process_run_tracks_to_mlflow_and_resumes_the_same_run(tmp_path):
     assert "config.yaml" in [a.path for a in client.list_artifacts(runs[0].info.run_id)]
     # keep-N: the two newest checkpoints remain
     assert sorted(p.name for p in (tmp_path / "resume-me").glob("checkpoint_step*"))[-1] == "checkpoint_step000000006"
+
+
+def _running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)
+            for t in (m.running_mean, m.running_var)]
+
+
+@pytest.mark.parametrize("player", ["encoder", "decoder"])
+def test_encoder_running_stats_follow_real_images_only(player):
+    """Both players run f on X and on X̂ in train mode; only f(X) may move f's BatchNorm running
+    statistics (evaluation normalises real images with them). Reference: a copy of f taking one
+    train-mode forward of X from the same state."""
+    import copy
+
+    cfg = load_config(None, TINY + ["train.steps=5"])
+    trainer = CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=iter(()), reporter=Recorder())
+    x, labels = next(_batches(1))
+    reference = copy.deepcopy(trainer.raw_encoder).train()
+    with torch.no_grad():
+        reference(x)
+    expected = _running_stats(reference)
+    before = _running_stats(trainer.raw_encoder)
+    if player == "encoder":
+        trainer.encoder_step(x, labels)
+    else:
+        trainer.decoder_step(x, labels)
+    after = _running_stats(trainer.raw_encoder)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # f(X) did update them
+    for a, e in zip(after, expected):
+        torch.testing.assert_close(a, e)
+    assert [m.momentum for m in trainer.raw_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)] == [0.1] * 2
+
+
+def test_logging_forward_leaves_the_model_unchanged():
+    cfg = load_config(None, TINY + ["train.steps=5"])
+    trainer = CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=iter(()), reporter=Recorder())
+    x, _ = next(_batches(1))
+    before = _running_stats(trainer.raw_encoder)
+    trainer.sparsity(x)
+    for a, b in zip(_running_stats(trainer.raw_encoder), before):
+        assert torch.equal(a, b)
