@@ -101,12 +101,14 @@ class CTRLTerms:
         return {f.name: getattr(self, f.name).detach() for f in fields(self) if getattr(self, f.name) is not None}
 
 
-def ctrl_statistics(z: Tensor, z_hat: Tensor, labels: Tensor | None, num_classes: int, mode: Mode) -> CTRLStats:
+def ctrl_statistics(z: Tensor, z_hat: Tensor, labels: Tensor | None, num_classes: int, mode: Mode,
+                    tf32_grams: bool = False) -> CTRLStats:
     """Statistics of one (local) batch: z, z_hat (n, d) rows are samples (unit-norm encoder outputs);
     labels (n,) int in [0, num_classes) for 'multiclass' (ignored in 'binary', where k = 1).
 
     Computed in ≥ fp32 with autocast off, without host sync (labels outside [0, k) are left out of every
-    class: validate them once with ``models.rate_reduction.check_labels``).
+    class: validate them once with ``models.rate_reduction.check_labels``). tf32_grams: the class Grams'
+    products on TF32 tensor cores on CUDA (``class_gram``); the trainer sets it when the networks run in bf16.
     """
     _check_mode(mode)
     validate_samples(z)
@@ -123,8 +125,8 @@ def ctrl_statistics(z: Tensor, z_hat: Tensor, labels: Tensor | None, num_classes
         if labels is None:
             raise ValueError("mode='multiclass' needs labels (n,) int in [0, num_classes), got None")
         validate_label_shape(labels, z.shape[0])
-        grams, counts = class_gram(z, labels, num_classes)
-        grams_hat, _ = class_gram(z_hat, labels, num_classes)
+        grams, counts = class_gram(z, labels, num_classes, tf32=tf32_grams)
+        grams_hat, _ = class_gram(z_hat, labels, num_classes, tf32=tf32_grams)
         return CTRLStats(grams, grams_hat, counts, consistency)
 
 

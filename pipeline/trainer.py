@@ -230,7 +230,8 @@ class CTRLTrainer:
     def objective(self, z: Tensor, z_hat: Tensor, labels: Tensor) -> CTRLTerms:
         """T on the global batch: per-rank Gram statistics, summed across ranks (one differentiable
         all-reduce), then all logdets in one fp32 batched Cholesky (models/ctrl.py)."""
-        stats = ctrl_statistics(z, z_hat, labels, self.num_classes, self.mode)
+        stats = ctrl_statistics(z, z_hat, labels, self.num_classes, self.mode,
+                                tf32_grams=self.amp_dtype == torch.bfloat16 and self.device.type == "cuda")
         flat = distributed.all_reduce_sum(stats.to_flat())
         stats = CTRLStats.from_flat(flat, self.num_classes, z.shape[1])
         return ctrl_objective(stats, self.mode, self.cfg.objective.eps_sq, self.cfg.objective.rate_weight)

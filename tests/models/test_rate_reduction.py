@@ -118,6 +118,23 @@ def test_empty_class_is_finite_and_ignored():
     assert with_empty.item() == pytest.approx(rate_reduction(z, labels // 2, num_classes=2).item(), rel=1e-12)
 
 
+def test_class_gram_gradient_matches_a_naive_computation():
+    """The explicit backward of the one-GEMM class Gram against autograd through per-class loops of
+    zᵢ zᵢᵀ outer products (float64), including an out-of-range label that belongs to no class."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 7, 0])
+    weights = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((class_gram(z, labels, 3)[0] * weights).sum(), z)
+    zr = z.detach().clone().requires_grad_()
+    naive = torch.stack([sum((torch.outer(zr[i], zr[i]) for i in range(13) if labels[i] == j),
+                             torch.zeros(5, 5, dtype=torch.float64)) for j in range(3)])
+    (expected,) = torch.autograd.grad((naive * weights).sum(), zr)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    assert torch.all(grad[11] == 0)  # label 7 is in no class
+    assert torch.autograd.gradcheck(lambda t: class_gram(t, labels, 3)[0], (z.detach().clone().requires_grad_(),))
+
+
 def test_logdet_spd_matches_torch_logdet():
     a = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     spd = a @ a.transpose(-1, -2) + 0.1 * torch.eye(6, dtype=torch.float64)
