@@ -304,11 +304,44 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(cfg.run.storage_path) / cfg.run.name / f"eval-{args.split}"
     from pipeline.report import write_report
 
-    path = write_report(out, report, encoder, decoder, test, cfg)
+    path = write_report(out, report, encoder, decoder, test, cfg,
+                        history=training_history(cfg, args.tracking_uri or cfg.tracking.uri))
     _log_eval_to_mlflow(cfg, args, report, out)
     print(json.dumps(report, indent=2))
     print(f"[cscctrl] report: {path}")
     return 0
+
+
+HISTORY_METRICS = ("train/recon_psnr", "decoder/objective", "decoder/delta_r_z_zhat", "decoder/delta_r_z",
+                   "decoder/delta_r_zhat", "decoder/delta_r_pairs", "decoder/consistency")
+"""Training curves the report draws, when the run's MLflow history has them (the ΔR names by mode)."""
+
+
+def training_history(cfg: ExperimentConfig, uri: str) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), …]} of the training run named cfg.run.name in its MLflow store, for the
+    HISTORY_METRICS it logged; {} when the store or the run cannot be reached (the report then has no
+    curves, and says nothing false)."""
+    if not uri:
+        return {}
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import find_run
+
+    try:
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        run_id = find_run(client, experiment.experiment_id, cfg.run.name) if experiment else None
+        if run_id is None:
+            return {}
+        history = {}
+        for key in HISTORY_METRICS:
+            points = sorted({(m.step, m.value) for m in client.get_metric_history(run_id, key)})
+            if points:
+                history[key] = points
+        return history
+    except Exception as e:  # curves are an extra: the evaluation itself must not fail on them
+        log.warning("no training curves from MLflow at %s: %s", uri, e)
+        return {}
 
 
 def _log_eval_to_mlflow(cfg: ExperimentConfig, args: argparse.Namespace, report: dict[str, Any], out: Path) -> None:

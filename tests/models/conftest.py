@@ -3,12 +3,8 @@ oversubscription of a busy 2-core CI machine. The setting is restored after ever
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_here(one_thread):
+    """Every test of tests/models runs with tests/conftest.py's ``one_thread``."""

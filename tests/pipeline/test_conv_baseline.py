@@ -11,33 +11,10 @@ import torch
 from pipeline.checkpoint import check_architecture, save_state
 from pipeline.config import ConfigError, load_config
 from pipeline.trainer import CTRLTrainer
+from tests.pipeline.trainer_helpers import TINY, Recorder
 
-TINY = ["model.preset=csc_ctrl_debug", "train.batch_size_per_worker=8", "train.precision=fp32",
-        "data.synthetic=true", "scaling.num_workers=0", "train.image_every=0", "tracking.log_model=false"]
 CONV = TINY + ["model.layer=conv"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine (as tests/models/conftest.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class Recorder:
-    def __init__(self):
-        self.logged, self.states = [], []
-
-    def metrics(self, step, metrics):
-        self.logged.append((step, metrics))
-
-    def images(self, step, trainer, x):
-        pass
-
-    def checkpoint(self, step, state, metrics):
-        self.states.append(state)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _batches(b: int = 8):

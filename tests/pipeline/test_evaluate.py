@@ -46,7 +46,8 @@ def test_eval_writes_metrics_and_an_offline_report(trained_run, tmp_path):
     assert m["images"] == 64 and m["fd_effnetlite0"] > 0
     assert 0 <= m["knn_accuracy"] <= 1
     html = (out / "report.html").read_text()
-    for png in ("recon.png", "atoms_stage1.png", "atoms_stage2.png", "code_maps.png", "sparsity_hist.png"):
+    for png in ("recon.png", "atoms_stage1.png", "atoms_stage2.png", "code_maps.png", "sparsity_hist.png",
+                "curves.png"):  # curves: the run's MLflow history (log_every=2 over 4 steps)
         assert (out / png).stat().st_size > 100 and png in html
     assert report["trained_on"] == cfg.data.shards and report["generalisation"] is False
 

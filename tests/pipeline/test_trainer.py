@@ -10,23 +10,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.trainer import CTRLTrainer, NonFiniteObjectiveError, lr_factor, player_loss
-
-TINY = ["model.preset=csc_ctrl_debug", "train.batch_size_per_worker=8", "train.precision=fp32",
-        "data.synthetic=true", "scaling.num_workers=0", "train.image_every=0", "tracking.log_model=false"]
-
-
-class Recorder:
-    def __init__(self):
-        self.logged, self.checkpoints = [], []
-
-    def metrics(self, step, metrics):
-        self.logged.append((step, metrics))
-
-    def images(self, step, trainer, x):
-        pass
-
-    def checkpoint(self, step, state, metrics):
-        self.checkpoints.append(step)
+from tests.pipeline.trainer_helpers import TINY, Recorder
 
 
 def test_lr_schedule_is_linear_to_zero_with_warmup():
