@@ -10,7 +10,8 @@
 model section from it before the YAML file and overrides (pipeline/config.py).
 
 Sparsity per stage: every preset uses λ = 0.1 (SDNet's default), scaled on stage 2 by
-ModelConfig.stage2_lam_scale (its docstring says why).
+ModelConfig.stage2_lam_scale and on the final 1×1 feature stage by ModelConfig.final_lam_scale (0: signed,
+unthresholded features); their docstrings say why.
 """
 from __future__ import annotations
 

@@ -56,8 +56,11 @@ def test_encoder_output_contract():
     assert z.shape == (3, 8)
     assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-6)  # on the unit sphere
     assert torch.equal(encoder(images(cfg, b=3)), z)
-    assert all((c >= 0).all() for c in codes)  # non-negative codes at every stage
+    assert all((c >= 0).all() for c in codes[:-1])  # non-negative codes at every halving stage
+    assert (codes[-1] < 0).any() and (codes[-1] != 0).all()  # features: signed, unthresholded (defaults)
     assert 0 < (codes[0] == 0).float().mean() < 1  # sparse, not dead
+    alike = build_encoder(tiny(nonneg=True, nonneg_features=True, final_lam_scale=1.0))
+    assert all((c >= 0).all() for c in alike.forward_with_codes(images(cfg, b=3))[1])  # every stage alike
     signed = build_encoder(tiny(nonneg=False))
     _, signed_codes = signed.forward_with_codes(images(cfg))
     assert (signed_codes[0] < 0).any()

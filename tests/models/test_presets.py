@@ -60,13 +60,15 @@ def test_register_preset_rejects_duplicates():
     assert preset_config("csc_ctrl_debug").ndf == 8  # the registered one is untouched
 
 
-def test_stage_lams_lower_only_stage_two():
+def test_stage_lams_lower_stage_two_and_free_the_features():
     for name in DOCUMENTED:
         cfg = preset_config(name)
-        assert cfg.stage_lams() == pytest.approx([LAM] + [LAM / 20] + [LAM] * (cfg.num_stages - 2))
-        # a global λ override still reaches every stage (the sweeps rely on it)
+        assert cfg.stage_lams() == pytest.approx([LAM] + [LAM / 20] + [LAM] * (cfg.num_stages - 3) + [0.0])
+        # a global λ override still reaches every thresholded stage (the sweeps rely on it)
         bigger = dataclasses.replace(cfg, lam=0.2)
-        assert bigger.stage_lams() == pytest.approx([0.2, 0.01] + [0.2] * (cfg.num_stages - 2))
+        assert bigger.stage_lams() == pytest.approx([0.2, 0.01] + [0.2] * (cfg.num_stages - 3) + [0.0])
+        uniform = dataclasses.replace(cfg, stage2_lam_scale=1.0, final_lam_scale=1.0)
+        assert uniform.stage_lams() == pytest.approx([LAM] * cfg.num_stages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,14 +102,16 @@ def test_every_stage_is_alive_at_init_on_real_photos(name):
         x, cfg = x[:4], dataclasses.replace(cfg, power_iters=10)  # seconds instead of tens on a CPU
     z, densities = stage_densities(cfg, x)
     assert torch.allclose(z.norm(dim=1), torch.ones(len(x)), atol=1e-5)  # no crop maps to z = 0
-    assert all(0.1 < d < 0.9 for d in densities), densities
+    assert all(0.1 < d < 0.9 for d in densities[:-1]), densities  # sparse, alive halving stages
+    assert densities[-1] == 1.0  # the features: no ℓ₁ term on the last stage (ModelConfig.final_lam_scale)
 
 
 def test_uniform_lambda_kills_stage_two_of_the_prototype():
     """Why ModelConfig.stage2_lam_scale exists: with λ = 0.1 on every stage, stage 2 (fed by stage 1's un-normalised code)
     is almost entirely thresholded away and most crops get z = 0. If this test starts failing, the
     architecture changed (e.g. BatchNorm after stage 1) and the scale may no longer be needed."""
-    cfg = dataclasses.replace(preset_config("csc_ctrl_prototype32"), stage2_lam_scale=1.0)
+    cfg = dataclasses.replace(preset_config("csc_ctrl_prototype32"), stage2_lam_scale=1.0, final_lam_scale=1.0,
+                              nonneg_features=True)
     z, densities = stage_densities(cfg, photo_crops(32))
     assert densities[1] < 0.01
     assert (z.norm(dim=1) < 0.5).sum() > 4
