@@ -304,9 +304,10 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(cfg.run.storage_path) / cfg.run.name / f"eval-{args.split}"
     from pipeline.report import write_report
 
-    path = write_report(out, report, encoder, decoder, test, cfg,
-                        history=training_history(cfg, args.tracking_uri or cfg.tracking.uri))
-    _log_eval_to_mlflow(cfg, args, report, out)
+    run = training_run(cfg, args.tracking_uri or cfg.tracking.uri)
+    path = write_report(out, report, encoder, decoder, test, cfg, history=training_history(*run) if run else None)
+    if run:
+        _log_eval_to_mlflow(*run, args, report, out)
     print(json.dumps(report, indent=2))
     print(f"[cscctrl] report: {path}")
     return 0
@@ -317,12 +318,12 @@ HISTORY_METRICS = ("train/recon_psnr", "decoder/objective", "decoder/delta_r_z_z
 """Training curves the report draws, when the run's MLflow history has them (the ΔR names by mode)."""
 
 
-def training_history(cfg: ExperimentConfig, uri: str) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), …]} of the training run named cfg.run.name in its MLflow store, for the
-    HISTORY_METRICS it logged; {} when the store or the run cannot be reached (the report then has no
-    curves, and says nothing false)."""
+def training_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str] | None:
+    """(MlflowClient, run id) of the training run named cfg.run.name in its MLflow store, or None when
+    there is no store, no such run, or the store cannot be reached (logged: the report on disk is the
+    primary output, so the curves and the MLflow copy of the evaluation are then skipped)."""
     if not uri:
-        return {}
+        return None
     from mlflow import MlflowClient
 
     from pipeline.tracking import find_run
@@ -331,8 +332,16 @@ def training_history(cfg: ExperimentConfig, uri: str) -> dict[str, list[tuple[in
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         run_id = find_run(client, experiment.experiment_id, cfg.run.name) if experiment else None
-        if run_id is None:
-            return {}
+    except Exception as e:
+        log.warning("MLflow at %s cannot be read (%s): no training curves, evaluation not logged there", uri, e)
+        return None
+    return (client, run_id) if run_id else None
+
+
+def training_history(client: Any, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), …]} of the HISTORY_METRICS the run logged; {} when they cannot be read
+    (the report then has no curves, and says nothing false)."""
+    try:
         history = {}
         for key in HISTORY_METRICS:
             points = sorted({(m.step, m.value) for m in client.get_metric_history(run_id, key)})
@@ -340,29 +349,18 @@ def training_history(cfg: ExperimentConfig, uri: str) -> dict[str, list[tuple[in
                 history[key] = points
         return history
     except Exception as e:  # curves are an extra: the evaluation itself must not fail on them
-        log.warning("no training curves from MLflow at %s: %s", uri, e)
+        log.warning("no training curves from MLflow at %s: %s", client.tracking_uri, e)
         return {}
 
 
-def _log_eval_to_mlflow(cfg: ExperimentConfig, args: argparse.Namespace, report: dict[str, Any], out: Path) -> None:
+def _log_eval_to_mlflow(client: Any, run_id: str, args: argparse.Namespace, report: dict[str, Any],
+                        out: Path) -> None:
     """Attach the evaluation to the training run's MLflow run (metrics eval/<split>/..., report files)."""
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import find_run, get_or_create_experiment
-
-    uri = args.tracking_uri or cfg.tracking.uri
-    if not uri:
-        return
     try:
-        client = MlflowClient(uri)
-        exp = get_or_create_experiment(client, cfg.tracking.experiment, None)
-        run_id = find_run(client, exp, cfg.run.name)
-        if run_id is None:
-            return
         dataset = Path(args.data).name if args.data else "trained-data"
         prefix = f"eval/{dataset}/{args.split}"
         for k, v in report["metrics"].items():
             client.log_metric(run_id, f"{prefix}/{k}", float(v))
         client.log_artifacts(run_id, str(out), artifact_path=prefix)
     except Exception as e:  # the report on disk is the primary output
-        log.warning("could not log the evaluation to MLflow at %s: %s", uri, e)
+        log.warning("could not log the evaluation to MLflow at %s: %s", client.tracking_uri, e)
