@@ -30,7 +30,6 @@ from models import build_models
 from models.csc import refresh_dictionaries
 from models.ctrl import CTRLStats, CTRLTerms, ctrl_objective, ctrl_statistics
 from pipeline import distributed
-from pipeline.checkpoint import check_architecture
 from pipeline.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -340,8 +339,6 @@ class CTRLTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "config" in state:  # CSC and plain-conv models have the same tensor shapes: compare configs
-            check_architecture(state, self.cfg.model)
         self.raw_encoder.load_state_dict(state["encoder"])
         self.raw_decoder.load_state_dict(state["decoder"])
         self.encoder_opt.load_state_dict(state["encoder_opt"])
