@@ -93,6 +93,12 @@ class ModelConfig:
     """'separate': the decoder has its own unit-norm dictionaries (a true second player, as in CTRL);
     'tied': the decoder synthesises with the encoder's dictionaries (as in the authors' prototype)."""
 
+    init: Literal["torch", "dcgan"] = "torch"
+    """Initial weights (models/init.py). 'torch': each layer's own draw (U(−b, b), b = 1/√fan_in; BatchNorm
+    γ = 1). 'dcgan': N(0, 0.02²) weights and BatchNorm γ ~ N(1, 0.02²), as LDR (the authors' CTRL code)
+    initialises its MNIST networks. CSC atoms are unit-normed either way, so for layer='csc' only their
+    random directions differ; for layer='conv' it is LDR's recipe."""
+
     power_iters: int = 50
     """Power-iteration steps for L = ‖A‖₂² on a cold start (a new spatial size), stopping at relative
     change < 1e-5."""
@@ -119,6 +125,9 @@ class ModelConfig:
         if self.layer not in ("csc", "conv"):
             raise ValueError(f"model.layer={self.layer!r}: must be one of 'csc' (CSC-CTRL), 'conv' (the "
                              f"plain-convolution baseline)")
+        if self.init not in ("torch", "dcgan"):
+            raise ValueError(f"model.init={self.init!r}: must be 'torch' (each layer's own initialisation) or "
+                             f"'dcgan' (N(0, 0.02²) weights, as LDR's MNIST networks)")
         if self.layer == "conv" and self.decoder_dictionaries == "tied":
             raise ValueError("model.layer='conv' cannot have model.decoder_dictionaries='tied': tied decoders "
                              "synthesise with the encoder's CSC dictionaries, and the conv baseline has none. "

@@ -1,0 +1,31 @@
+"""Weight initialisation of the encoder and decoder (``ModelConfig.init``).
+
+'torch' keeps what the layers draw themselves: CSC dictionaries and plain (transposed) convolutions
+U(−b, b) with b = 1/√fan_in (kaiming_uniform, a = √5), BatchNorm γ = 1, β = 0.
+'dcgan' is the initialisation of the DCGAN paper that LDR (the authors' CTRL code) applies to its MNIST
+networks: every convolution / dictionary weight ~ N(0, 0.02²), BatchNorm γ ~ N(1, 0.02²), β = 0.
+CSC dictionaries are projected to unit-norm atoms before every forward, so for them only the direction
+of each atom matters (a Gaussian draw gives uniformly random directions); the scale matters for the
+plain-convolution baseline (``layer='conv'``), whose weights are free.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+INITS = ("torch", "dcgan")
+
+
+@torch.no_grad()
+def dcgan_init_(module: nn.Module, std: float = 0.02) -> None:
+    """Re-draw ``module``'s 4-d weights ~ N(0, std²) and its BatchNorm affine parameters γ ~ N(1, std²),
+    β = 0, in place. A tied decoder registers no dictionaries of its own, so its encoder's are drawn once."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.affine:
+                m.weight.normal_(1.0, std)
+                m.bias.zero_()
+            continue
+        weight = m._parameters.get("weight")
+        if weight is not None and weight.dim() == 4:
+            weight.normal_(0.0, std)
