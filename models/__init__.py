@@ -4,7 +4,7 @@ No Ray, MLflow, WebDataset or file I/O.
 Builders (the only place a ModelConfig becomes modules):
     build_encoder(cfg) -> CSCEncoder            f
     build_decoder(cfg, encoder) -> CSCDecoder   g (the encoder is needed when cfg.decoder_dictionaries == "tied")
-    build_models(cfg) -> (encoder, decoder)     initialised as cfg.init says (models/init.py)
+    build_models(cfg) -> (encoder, decoder)     initialised as cfg.init and cfg.decoder_bn_gamma say (models/init.py)
     create_model(name) -> (encoder, decoder)    from a named preset (models/presets.py)
 
 cfg.layer == "conv" builds the same networks with plain (transposed) convolutions in place of the CSC
@@ -15,7 +15,7 @@ from __future__ import annotations
 from models.config import ModelConfig
 from models.decoder import CSCDecoder
 from models.encoder import CSCEncoder
-from models.init import dcgan_init_
+from models.init import init_models_
 
 
 def build_encoder(cfg: ModelConfig) -> CSCEncoder:
@@ -32,9 +32,7 @@ def build_models(cfg: ModelConfig) -> tuple[CSCEncoder, CSCDecoder]:
     """(encoder, decoder) of ``cfg``, tied through the encoder's dictionaries when the config says so."""
     encoder = build_encoder(cfg)
     decoder = build_decoder(cfg, encoder)
-    if cfg.init == "dcgan":  # models/init.py
-        dcgan_init_(encoder)
-        dcgan_init_(decoder)
+    init_models_(encoder, decoder, cfg)
     return encoder, decoder
 
 

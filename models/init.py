@@ -1,4 +1,4 @@
-"""Weight initialisation of the encoder and decoder (``ModelConfig.init``).
+"""Weight initialisation of the encoder and decoder (``ModelConfig.init``, ``ModelConfig.decoder_bn_gamma``).
 
 'torch' keeps what the layers draw themselves: CSC dictionaries and plain (transposed) convolutions
 U(−b, b) with b = 1/√fan_in (kaiming_uniform, a = √5), BatchNorm γ = 1, β = 0.
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from models.config import ModelConfig
 
 INITS = ("torch", "dcgan")
 
@@ -29,3 +31,15 @@ def dcgan_init_(module: nn.Module, std: float = 0.02) -> None:
         weight = m._parameters.get("weight")
         if weight is not None and weight.dim() == 4:
             weight.normal_(0.0, std)
+
+
+@torch.no_grad()
+def init_models_(encoder: nn.Module, decoder: nn.Module, cfg: ModelConfig) -> None:
+    """Apply ``cfg.init`` to both networks, then set every decoder BatchNorm's γ to ``cfg.decoder_bn_gamma``."""
+    if cfg.init == "dcgan":
+        dcgan_init_(encoder)
+        dcgan_init_(decoder)
+    if cfg.decoder_bn_gamma != 1.0:
+        for m in decoder.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight.fill_(cfg.decoder_bn_gamma)
