@@ -10,7 +10,7 @@
 # CPU smoke test: EXTRA="scaling.use_gpu=false model.preset=csc_ctrl_debug ..." GPUS="" SHARD_ARGS=...).
 set -euo pipefail
 OUTDIR=${1:?usage: fmnist_results.sh OUTDIR [STEPS]}
-STEPS=${2:-3000}
+STEPS=${2:-4500}
 WORK=${WORK:-/tmp/fmnist-work}
 GPUS=${GPUS-0 1}                       # one GPU per run; "" = no GPU
 EVAL_DEVICE=${EVAL_DEVICE:-cuda}
@@ -21,8 +21,10 @@ PY=${PY:-python3}
 [ -f "$WORK/fmnist/manifest.json" ] || $PY -m pipeline shard fashion-mnist "$WORK/fmnist" --workers 16 --no-progress ${SHARD_ARGS:-}
 [ -f "$WORK/photos/manifest.json" ] || $PY -m pipeline shard demo "$WORK/photos" --demo-size 32 --workers 16 --no-progress ${SHARD_ARGS:-}
 
+STAGES=${STAGES:-train eval}           # "eval" alone re-evaluates finished runs in $WORK/runs
 i=0
 for m in csc conv; do
+    [[ " $STAGES " == *" train "* ]] || break
     cfg=configs/fashion_mnist32.yaml; [ $m = conv ] && cfg=configs/fashion_mnist32_conv.yaml
     dev=""; [ ${#gpus[@]} -gt 0 ] && dev=${gpus[$((i % ${#gpus[@]}))]}
     CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline train -c $cfg data.shards="$WORK/fmnist" train.steps="$STEPS" \
@@ -34,6 +36,7 @@ done
 wait
 i=0
 for m in csc conv; do
+    [[ " $STAGES " == *" eval "* ]] || break
     dev=""; [ ${#gpus[@]} -gt 0 ] && dev=${gpus[$((i % ${#gpus[@]}))]}
     (CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline eval "$WORK/runs/fmnist-$m" --split val --device "$EVAL_DEVICE" \
         --out "$OUTDIR/$m-test" ${EVAL_ARGS:-} > "$OUTDIR/eval-$m-test.log" 2>&1
