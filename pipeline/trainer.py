@@ -74,6 +74,25 @@ def player_loss(terms: CTRLTerms, player: str, consistency_weight: float) -> Ten
     return sign * value
 
 
+def undersampled_warning(global_batch: int, num_classes: int, nz: int) -> str | None:
+    """A warning when a class has fewer images per global batch than the feature dimension d, else None.
+
+    With nⱼ < d the class's features span an nⱼ-dimensional subspace, and the encoder can place Ẑⱼ
+    orthogonal to Zⱼ; there ΔR(Zⱼ, Ẑⱼ) is at its maximum and its gradient in Ẑⱼ vanishes, so the
+    decoder stops learning. Measured: with 160 images per class at d = 512 (REFERENCE §5's 32 px row)
+    neither model reconstructed Fashion-MNIST in 2000 H200 iterations; with 205 at d = 128 (LDR's MNIST
+    recipe) the plain-convolution model reached 15.7 dB; on CPU (256 images, 10 classes) d = 16
+    reconstructs and d = 64 does not (benchmarks/results/fashion_mnist32/README.md)."""
+    per_class = global_batch / max(1, num_classes)
+    if per_class >= nz:
+        return None
+    return (f"about {per_class:.0f} images per class in each global batch of {global_batch} ({num_classes} "
+            f"classes) but the feature dimension is model.nz={nz}: each class's features span fewer "
+            f"dimensions than z has, so the encoder can make every Ẑⱼ orthogonal to Zⱼ and the decoder's "
+            f"gradient vanishes (measured: no reconstructions). Raise the batch or lower model.nz to at most "
+            f"{int(per_class)}.")
+
+
 @contextlib.contextmanager
 def frozen_running_stats(module: nn.Module) -> Iterator[None]:
     """Train-mode BatchNorm that normalises with the batch's own moments but leaves the running
@@ -113,6 +132,9 @@ class CTRLTrainer:
         self.batches = batches
         self.reporter = reporter
         self.step = 0
+        warning = undersampled_warning(cfg.global_batch_size, self.num_classes, cfg.model.nz)
+        if warning and distributed.rank() == 0:
+            log.warning(warning)
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         encoder, decoder = build_models(cfg.model)

@@ -9,7 +9,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.trainer import CTRLTrainer, NonFiniteObjectiveError, lr_factor, player_loss
+from pipeline.trainer import CTRLTrainer, NonFiniteObjectiveError, lr_factor, player_loss, undersampled_warning
 from tests.pipeline.trainer_helpers import TINY, Recorder
 
 
@@ -42,6 +42,27 @@ def _batches(n_good: int, b: int = 8, bad_from: int | None = None):
             x[0, 0, 0, 0] = float("nan")
         i += 1
         yield x, torch.zeros(b, dtype=torch.long)
+
+
+def test_undersampled_warning_when_a_class_has_fewer_images_than_dimensions():
+    assert undersampled_warning(2048, 10, 128) is None          # LDR's MNIST recipe: 205 per class
+    assert undersampled_warning(1600, 1, 512) is None            # binary: one set of 1600
+    message = undersampled_warning(1600, 10, 512)                # REFERENCE §5 32 px row: 160 per class
+    assert message is not None and "160 images per class" in message and "model.nz=512" in message
+    assert "at most 160" in message
+
+
+def test_trainer_warns_at_start_when_classes_are_undersampled(caplog):
+    cfg = load_config(None, TINY + ["train.steps=1", "model.nz=16", "objective.mode=multiclass",
+                                    "objective.num_classes=2"])
+    with caplog.at_level("WARNING", logger="pipeline.trainer"):
+        CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=2, batches=_batches(1), reporter=Recorder())
+    assert any("4 images per class" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    cfg = load_config(None, TINY + ["train.steps=1", "model.nz=4"])
+    with caplog.at_level("WARNING", logger="pipeline.trainer"):
+        CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=_batches(1), reporter=Recorder())
+    assert not any("images per class" in r.getMessage() for r in caplog.records)
 
 
 def test_players_move_only_their_own_parameters():
