@@ -106,8 +106,8 @@ class ModelConfig:
     grey), and Adam moves γ by about one learning rate per step, thousands of steps to come down. With
     0.1 the first reconstructions are near grey (10.7 dB on the demo photos). Through the ReLUs and the
     next BatchNorm, only the last stage's γ changes what the decoder computes. The decoder's learning rate
-    matters more: on CPU the CSC decoder reconstructed with optim.decoder.lr 1e-3 and not with 1.5e-4, for
-    γ 0.5 and 1 alike (benchmarks/results/fashion_mnist32/README.md)."""
+    matters more: on CPU the CSC decoder reconstructed with optim.decoder.lr 1e-3 (γ 0.5 and 1) and hardly
+    with 1.5e-4 (γ 0.1, 0.3, 0.5) (benchmarks/results/fashion_mnist32/README.md)."""
 
     power_iters: int = 50
     """Power-iteration steps for L = ‖A‖₂² on a cold start (a new spatial size), stopping at relative
