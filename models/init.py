@@ -15,6 +15,7 @@ from torch import nn
 
 from models.config import ModelConfig
 
+
 @torch.no_grad()
 def dcgan_init_(module: nn.Module, std: float = 0.02) -> None:
     """Re-draw ``module``'s 4-d weights ~ N(0, std²) and its BatchNorm affine parameters γ ~ N(1, std²),

@@ -13,7 +13,7 @@ def _bns(module: nn.Module) -> list[nn.BatchNorm2d]:
 def test_dcgan_init_draws_conv_weights_at_std_002_and_bn_gamma_near_one():
     torch.manual_seed(0)
     enc, dec = build_models(ModelConfig(layer="conv", init="dcgan", ndf=16, nz=32))
-    weights = torch.cat([p.detach().flatten() for n, p in list(enc.named_parameters()) + list(dec.named_parameters())
+    weights = torch.cat([p.detach().flatten() for p in list(enc.parameters()) + list(dec.parameters())
                          if p.dim() == 4])
     assert weights.numel() > 50_000
     assert weights.mean().abs() < 1e-3
