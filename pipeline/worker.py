@@ -31,6 +31,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
     import ray.train
 
     local_mode = cfg.scaling.num_workers == 0
+    quiet_ray_train_reports()
     rank, world = distributed.rank(), distributed.world_size()
     device = _device(cfg, local_mode)
     state = _resume_state(cfg, local_mode)
@@ -70,6 +71,16 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
                       f" (alias '{cfg.tracking.alias}')", flush=True)
         tracker.finish("FINISHED")
     return metrics
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs each ``ray.train.report`` at INFO with its whole metrics dict (a screenful per
+    log step, through a logger named after its source file); the progress line already shows them."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def run_dir(cfg: ExperimentConfig) -> str:

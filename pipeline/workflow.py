@@ -128,12 +128,23 @@ class EvalSet:
     data: str = ""
     """Shard set ('' = the workflow's shards); another set measures generalisation."""
 
+    source: str = ""
+    """A source to shard for this set alone (e.g. demo: photo crops), written once under
+    <storage>/eval-shards/<name> by the evaluate stage; exclusive with data."""
+
+    source_options: dict[str, Any] = field(default_factory=dict)
+    """Options of that source (as the workflow's source_options)."""
+
     label: str = ""
-    """Name in the evaluation table ('' = split, or <folder>-<split> for another shard set)."""
+    """Name in the evaluation table ('' = split, or <folder>-<split> / <source>-<split> for other data)."""
 
     @property
     def name(self) -> str:
-        return self.label or (f"{Path(self.data.rstrip('/')).name}-{self.split}" if self.data else self.split)
+        if self.label:
+            return self.label
+        if self.data:
+            return f"{Path(self.data.rstrip('/')).name}-{self.split}"
+        return f"{self.source}-{self.split}" if self.source else self.split
 
 
 @dataclass
@@ -169,7 +180,8 @@ class Workflow:
 
     experiment: str = "cscctrl"
     source_options: dict[str, Any] = field(default_factory=dict)
-    """Options of the demo source: train, val, unseen (crop counts), size (pixels), seed."""
+    """Options of the demo source: train, val, unseen (crop counts), size (pixels), seed, crop (side range
+    as fractions of the photo's shorter side)."""
 
     shards: ShardOptions = field(default_factory=ShardOptions)
     sweep: SweepOptions | None = None
@@ -490,9 +502,18 @@ def shard_on_ray(plan: Any, dest: Any, tasks: int = 0, progress: bool = True) ->
 
 
 def open_workflow_source(wf: Workflow) -> Any:
+    return open_named_source(wf.source, wf.source_options)
+
+
+def open_named_source(spec: str, options: dict[str, Any]) -> Any:
     from sharding.sources import open_source
 
-    return open_source(wf.source, **wf.source_options) if wf.source == "demo" else open_source(wf.source)
+    if spec == "demo":
+        return open_source(spec, **options)
+    source = open_source(spec)
+    if options:
+        raise WorkflowError(f"source {spec!r} takes no source_options (only the demo source does)")
+    return source
 
 
 def make_plan(wf: Workflow) -> Any:
@@ -723,13 +744,14 @@ def evaluate_run(ctx: Context, stage_run_id: str) -> dict[str, Any]:
     table, reports = [], {}
     for s in e.sets:
         out = out_root / s.name
-        args = argparse.Namespace(source=train["run_dir"], data=s.data, split=s.split, reference_split="train",
+        data = eval_shards(ctx, s) if s.source else s.data
+        args = argparse.Namespace(source=train["run_dir"], data=data, split=s.split, reference_split="train",
                                   max_batches=e.max_batches, batch_size=e.batch_size, device="cpu",
                                   no_fd=not e.fd, out=str(out), tracking_uri=ctx.uri)
         if eval_main(args) != 0:
-            raise RuntimeError(f"evaluation on {s.name} ({s.data or 'the workflow shards'} [{s.split}]) failed")
+            raise RuntimeError(f"evaluation on {s.name} ({data or 'the workflow shards'} [{s.split}]) failed")
         report = json.loads((out / "metrics.json").read_text())
-        table.append({"set": s.name, "data": s.data or ctx.wf.shard_url, "split": s.split,
+        table.append({"set": s.name, "data": data or ctx.wf.shard_url, "split": s.split,
                       "generalisation": bool(report.get("generalisation")) or s.split == "unseen",
                       **{k: float(v) for k, v in report["metrics"].items()}})
         reports[s.name] = str(out / "report.html")
@@ -741,6 +763,25 @@ def evaluate_run(ctx: Context, stage_run_id: str) -> dict[str, Any]:
                     client.log_metric(stage_run_id, f"{row['set']}/{k}", v)
         client.log_table(stage_run_id, data=_columns(table), artifact_file="evaluation/table.json")
     return {"table": table, "reports": reports}
+
+
+def eval_shards(ctx: Context, s: EvalSet) -> str:
+    """Shards of an evaluation set's own source (its split only), written once: a later run whose plan is the
+    same reuses them (the manifest records the plan's fingerprint)."""
+    from sharding.manifest import ManifestError, read_manifest
+    from sharding.plan import plan_shards
+    from sharding.storage import Destination
+    from sharding.write import shard_source
+
+    url = f"{ctx.wf.storage.rstrip('/')}/eval-shards/{s.name}"
+    plan = plan_shards(open_named_source(s.source, s.source_options), splits=[s.split], seed=ctx.wf.shards.seed)
+    try:
+        if read_manifest(url).summary.get("fingerprint") == plan.fingerprint:
+            return url
+    except (FileNotFoundError, ManifestError):
+        pass
+    shard_source(plan, Destination(url), workers=1, progress=ctx.progress, overwrite=True)  # a cache of ours
+    return url
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -853,6 +894,14 @@ def check_workflow(wf: Workflow, from_stage: str | None, uri: str) -> None:
         open_workflow_source(wf)
     except (SourceError, TypeError) as e:
         raise WorkflowError(f"source: {e}") from None
+    for s in wf.evaluate.sets:
+        if s.source and s.data:
+            raise WorkflowError(f"evaluate.sets[{s.name}]: give data or source, not both")
+        try:
+            if s.source:
+                open_named_source(s.source, s.source_options)
+        except (SourceError, TypeError) as e:
+            raise WorkflowError(f"evaluate.sets[{s.name}].source: {e}") from None
     ctx = Context(wf=wf, uri=uri, records=None)  # type: ignore[arg-type]
     cfg = training_config(ctx)  # unknown or mistyped training keys raise here
     if wf.sweep is not None:

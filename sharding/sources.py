@@ -498,21 +498,30 @@ def load_photo(name: str) -> np.ndarray:
 
 
 class DemoSource(Source):
-    """Square crops (side ~ U[0.2, 0.6] of the shorter side, uniform position) resized to `size`."""
+    """Square crops (side ~ U[crop] of the photo's shorter side, uniform position) resized to `size`.
+
+    The class of a crop is its photo. Small crops (the default) are varied textures; large ones
+    (e.g. ``crop=(0.8, 1.0)``) are jittered views of the whole photo, so each class is a tight cluster."""
 
     kind = "demo"
 
-    def __init__(self, seed: int = 0, train: int = 4096, val: int = 512, unseen: int = 512, size: int = 64):
+    def __init__(self, seed: int = 0, train: int = 4096, val: int = 512, unseen: int = 512, size: int = 64,
+                 crop: tuple[float, float] | list[float] = DEMO_CROP_FRACTION):
         for name, n in (("train", train), ("val", val), ("unseen", unseen)):
             if n < 0:
                 raise SourceError(f"demo {name} count must be >= 0, got {n}")
         if not 8 <= size <= 512:
             raise SourceError(f"demo crop size must be in [8, 512] pixels, got {size}")
-        self.seed, self.size = int(seed), int(size)
+        lo, hi = (float(v) for v in crop)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise SourceError(f"demo crop must be (min, max) fractions of the shorter side with 0 < min <= max <= 1, "
+                              f"got {tuple(crop)}")
+        self.seed, self.size, self.crop = int(seed), int(size), (lo, hi)
         self.counts = {"train": int(train), "val": int(val), "unseen": int(unseen)}
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "seed": self.seed, "size": self.size, "counts": self.counts}
+        return {"kind": self.kind, "seed": self.seed, "size": self.size, "counts": self.counts,
+                "crop": list(self.crop)}
 
     def list(self) -> Listing:
         photos = DEMO_TRAIN_PHOTOS + DEMO_UNSEEN_PHOTOS
@@ -528,7 +537,7 @@ class DemoSource(Source):
             for i in range(n):
                 k = i % len(pool)  # balanced classes
                 h, w = load_photo(pool[k]).shape[:2]
-                side = int(rng.uniform(*DEMO_CROP_FRACTION) * min(h, w))
+                side = max(1, int(rng.uniform(*self.crop) * min(h, w)))
                 y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
                 items.append(SourceItem(f"demo_{split}_{i:06d}", offset + k,
                                         f"{pool[k]}#{y0},{x0},{side}", 3 * self.size * self.size))

@@ -42,7 +42,7 @@ def workflow_file(tmp: Path, name: str, *, sweep: bool = True, sets=("val", "uns
         "storage": str(tmp / "store"), "experiment": f"wf-{name}",
         "shards": {"shard_maxcount": 24, "tasks": 2},
         "training": {"from_sweep": sweep, "set": {**TRAINING, **training}},
-        "evaluate": {"sets": [{"split": s} for s in sets], "batch_size": 32},
+        "evaluate": {"sets": [s if isinstance(s, dict) else {"split": s} for s in sets], "batch_size": 32},
         "register": {"model": f"{name}-model", "alias": "candidate"},
     }
     if sweep:
@@ -113,6 +113,11 @@ def _main(path: Path, *items: str, from_stage: str | None = None) -> int:
     (["source=/no/such/folder"], None, "does not exist"),
     (["sweep=null"], None, "needs a sweep section"),
     (["sweep.space={model.no_such_key: {grid: [1, 2]}}"], None, "model.no_such_key"),
+    (["evaluate.sets=[{split: unseen, data: /x, source: demo}]"], None, "give data or source, not both"),
+    (["evaluate.sets=[{split: val, source: fashion-mnist, source_options: {train: 3}}]"], None,
+     "takes no source_options"),
+    (["evaluate.sets=[{split: unseen, source: demo, source_options: {crop: [0.9, 0.1]}}]"], None,
+     "demo crop must be"),
 ])
 def test_bad_input_fails_before_any_stage(tmp_path, capsys, items, from_stage, message):
     path = workflow_file(tmp_path, "bad")
@@ -168,8 +173,11 @@ def test_workflow_end_to_end_failure_reuse_and_skip(tmp_path):
                                                  "train": "done", "evaluate": "failed"}
     assert len(rec["shard"]["outputs"]["nodes"]) == 1  # local Ray: one node
 
-    # 2. The fixed workflow reuses shard..train and runs evaluate and register.
-    good_path = workflow_file(tmp_path, "e2e")
+    # 2. The fixed workflow reuses shard..train and runs evaluate (with a set of its own source, sharded by
+    # the stage) and register.
+    photos = {"split": "unseen", "source": "demo", "label": "photos",
+              "source_options": {"train": 0, "val": 0, "unseen": 16, "size": 32, "seed": 1}}
+    good_path = workflow_file(tmp_path, "e2e", sets=("val", "unseen", photos))
     good = run_cli(str(good_path))
     assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
     assert summary_states(good.stdout) == {"shard": "skipped", "verify": "skipped", "tune": "skipped",
@@ -217,7 +225,11 @@ def test_workflow_end_to_end_failure_reuse_and_skip(tmp_path):
     mv = client.get_model_version_by_alias("e2e-model", "candidate")
     assert mv.run_id == train_out["run_id"] or mv.tags["cscctrl.run_name"] == train_out["run_name"]
     evaluation = records(storage, "e2e")["evaluate"]["outputs"]["table"]
-    assert [row["set"] for row in evaluation] == ["val", "unseen"]
+    assert [row["set"] for row in evaluation] == ["val", "unseen", "photos"]
+    assert evaluation[2]["data"] == str(storage / "eval-shards" / "photos") and evaluation[2]["generalisation"]
+    from sharding.manifest import read_manifest
+
+    assert read_manifest(evaluation[2]["data"]).num_samples("unseen") == 16
     for row in evaluation:
         assert float(mv.tags[f"eval.{row['set']}.psnr"]) == pytest.approx(row["psnr"], rel=1e-5)
     artifacts = {a.path for a in client.list_artifacts(train_out["run_id"], "evaluation")}
