@@ -240,7 +240,10 @@ class CSCLayer(nn.Module):
     def prepare(self, size: tuple[int, int]) -> None:
         """Bring atoms and L up to date for inputs of spatial ``size`` (H, W): a cold start if the size is
         new, ``refresh()`` if the weight changed since the last refresh, else nothing. Only touches the
-        weight if it changed."""
+        weight if it changed. A no-op while torch.export traces the model (saving it, e.g. for MLflow): the
+        exported graph is the solver alone, with the state of the last eager forward."""
+        if torch.compiler.is_exporting():
+            return
         changed = self.weight._version != self._refreshed_version
         if size != self._input_size:
             if changed:
@@ -360,7 +363,10 @@ class SynthesisLayer(nn.Module):
 
     @torch.compiler.disable  # Python-side bookkeeping: runs eagerly under torch.compile
     def prepare(self) -> None:
-        """Project the atoms only if they changed since the last projection (never an unchanged weight)."""
+        """Project the atoms only if they changed since the last projection (never an unchanged weight).
+        A no-op while torch.export traces the model (as ``CSCLayer.prepare``)."""
+        if torch.compiler.is_exporting():
+            return
         if self._tied_to is not None:
             if self._tied_to.weight._version != self._tied_to._refreshed_version:
                 self._tied_to.refresh()

@@ -21,6 +21,8 @@ from pipeline.tracking import _is_remote, check_reachable, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
+RAY_TRAIN_POLL_S = 0.25  # seconds between Ray Train controller polls on a cluster this process starts
+
 HELP_EPILOG = """\
 examples:
   cscctrl train                                   # demo shards, 1 CPU worker, local MLflow store
@@ -117,6 +119,9 @@ def init_ray(log_to_driver: bool = True) -> None:
         return
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # Ray Train's controller takes one ray.train.report per worker per poll, every 2 s by default: a
+    # worker reporting more often waits. A local cluster's processes inherit this environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(RAY_TRAIN_POLL_S))
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver)
 
 

@@ -78,6 +78,17 @@ class Autoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements, stated rather than inferred: MLflow saves it with torch.export,
+    so loading needs torch (and MLflow's own loader), never this package; inferring them loads the model
+    in a subprocess, 7 of the 10 s a log_model call takes on 2 CPUs."""
+    import cloudpickle
+    import mlflow
+
+    return [f"mlflow=={mlflow.__version__}", f"cloudpickle=={cloudpickle.__version__}",
+            f"torch=={torch.__version__.split('+')[0]}"]  # no local label (+cpu / +cu128): pip cannot resolve it
+
+
 def get_or_create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -173,11 +184,14 @@ class MLflowTracker:
 
         mlflow.set_tracking_uri(self.uri)
         model = Autoencoder(encoder, decoder).cpu().eval()
-        example = torch.zeros(1, self.cfg.model.in_channels, self.cfg.model.image_size, self.cfg.model.image_size)
+        # Batch 2: torch.export specialises a dimension whose example size is 0 or 1, then refuses other batches.
+        example = torch.zeros(2, self.cfg.model.in_channels, self.cfg.model.image_size, self.cfg.model.image_size)
+        with torch.no_grad():
+            model(example)  # eager: atoms projected and step sizes current, so export traces the solver alone
         name = self.cfg.tracking.registered_model or None
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name,
-                                            input_example=example.numpy())
+                                            input_example=example.numpy(), pip_requirements=model_requirements())
         if not name:
             return None
         version = str(info.registered_model_version)

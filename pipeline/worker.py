@@ -177,7 +177,14 @@ class RunReporter:
         if self.tracker:
             self.tracker.log_metrics(step, metrics)
             print(progress_line(step, self.cfg.train.steps, metrics), flush=True)
-        self.ray_train.report(metrics)
+        if not self.is_checkpoint_step(step):  # there the checkpoint's report carries these metrics
+            self.ray_train.report(metrics)
+
+    def is_checkpoint_step(self, step: int) -> bool:
+        """As CTRLTrainer.fit decides. Ray Train's controller takes one report per worker per poll
+        (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a second report at the same step would wait for it."""
+        t = self.cfg.train
+        return step % t.checkpoint_every == 0 or step == t.steps
 
     def images(self, step: int, trainer: CTRLTrainer, x: Tensor) -> None:
         if not self.tracker:

@@ -3,6 +3,7 @@ through Ray Train's local mode (scaling.num_workers=0) with a real sqlite MLflow
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,32 @@ def test_logging_forward_leaves_the_model_unchanged():
     trainer.sparsity(x)
     for a, b in zip(_running_stats(trainer.raw_encoder), before):
         assert torch.equal(a, b)
+
+
+def test_logged_model_loads_back_and_reconstructs_like_the_networks(tmp_path):
+    """The registered model is g∘f saved by MLflow as a torch.export program (no pickled classes of this
+    package); it loads through the alias, gives the networks' outputs at a batch size other than the
+    example's, and states its requirements (torch without a local version label)."""
+    import mlflow
+
+    from models.presets import create_model
+    from pipeline.tracking import Autoencoder, MLflowTracker
+
+    cfg = load_config(None, TINY + [f"run.storage_path={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                                    "tracking.registered_model=loadme", "tracking.alias=candidate"])
+    torch.manual_seed(0)
+    encoder, decoder = create_model("csc_ctrl_debug")
+    tracker = MLflowTracker(cfg, "loadme")
+    assert tracker.log_model(encoder, decoder) == "1"
+    tracker.finish()
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    loaded = mlflow.pytorch.load_model("models:/loadme@candidate")
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = Autoencoder(encoder, decoder).eval()(x)
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+    artifacts = Path(mlflow.artifacts.download_artifacts("models:/loadme@candidate"))
+    assert (artifacts / "data" / "model.pt2").is_file()
+    lines = (artifacts / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in lines and not any("+" in line for line in lines)
