@@ -7,10 +7,12 @@ successful call and the gap is reported, never silently dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,21 @@ class Autoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decoder(self.encoder(x))
+
+
+@contextlib.contextmanager
+def tracking_uri_set_to(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model, load_model of models:/ URIs) reads one global URI, and
+    mlflow.set_tracking_uri also writes it to os.environ for subprocesses: set it for the block only, so
+    an in-process run leaves the caller's process as it found it."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the variable
 
 
 def model_requirements() -> list[str]:
@@ -182,14 +199,13 @@ class MLflowTracker:
         Returns the registered version (or None)."""
         import mlflow
 
-        mlflow.set_tracking_uri(self.uri)
         model = Autoencoder(encoder, decoder).cpu().eval()
         # Batch 2: torch.export specialises a dimension whose example size is 0 or 1, then refuses other batches.
         example = torch.zeros(2, self.cfg.model.in_channels, self.cfg.model.image_size, self.cfg.model.image_size)
         with torch.no_grad():
             model(example)  # eager: atoms projected and step sizes current, so export traces the solver alone
         name = self.cfg.tracking.registered_model or None
-        with mlflow.start_run(run_id=self.run_id):
+        with tracking_uri_set_to(self.uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name,
                                             input_example=example.numpy(), pip_requirements=model_requirements())
         if not name:

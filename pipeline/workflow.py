@@ -827,13 +827,15 @@ def register_run(ctx: Context, stage_run_id: str) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
+    from pipeline.tracking import tracking_uri_set_to
+
     r, train = ctx.wf.register, ctx.outputs["train"]
     client = MlflowClient(ctx.uri)
     if not train.get("run_id"):
         raise RuntimeError(f"no MLflow run found for training run {train['run_name']}")
-    mlflow.set_tracking_uri(ctx.uri)
-    mv = mlflow.register_model(logged_model_uri(client, train["run_id"]), r.model,
-                               tags={"cscctrl.workflow": ctx.wf.name, "cscctrl.run_name": train["run_name"]})
+    with tracking_uri_set_to(ctx.uri):
+        mv = mlflow.register_model(logged_model_uri(client, train["run_id"]), r.model,
+                                   tags={"cscctrl.workflow": ctx.wf.name, "cscctrl.run_name": train["run_name"]})
     client.set_registered_model_alias(r.model, r.alias, mv.version)
     table = ctx.outputs.get("evaluate", {}).get("table", [])
     if table:

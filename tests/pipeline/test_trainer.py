@@ -3,6 +3,7 @@ through Ray Train's local mode (scaling.num_workers=0) with a real sqlite MLflow
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -197,23 +198,25 @@ def test_logged_model_loads_back_and_reconstructs_like_the_networks(tmp_path):
     import mlflow
 
     from models.presets import create_model
-    from pipeline.tracking import Autoencoder, MLflowTracker
+    from pipeline.tracking import Autoencoder, MLflowTracker, tracking_uri_set_to
 
     cfg = load_config(None, TINY + [f"run.storage_path={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
                                     "tracking.registered_model=loadme", "tracking.alias=candidate"])
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     torch.manual_seed(0)
     encoder, decoder = create_model("csc_ctrl_debug")
     tracker = MLflowTracker(cfg, "loadme")
     assert tracker.log_model(encoder, decoder) == "1"
     tracker.finish()
 
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    loaded = mlflow.pytorch.load_model("models:/loadme@candidate")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # logging left the process's environment alone
+    with tracking_uri_set_to(cfg.tracking.uri):
+        loaded = mlflow.pytorch.load_model("models:/loadme@candidate")
+        artifacts = Path(mlflow.artifacts.download_artifacts("models:/loadme@candidate"))
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         expected = Autoencoder(encoder, decoder).eval()(x)
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
-    artifacts = Path(mlflow.artifacts.download_artifacts("models:/loadme@candidate"))
     assert (artifacts / "data" / "model.pt2").is_file()
     lines = (artifacts / "requirements.txt").read_text().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in lines and not any("+" in line for line in lines)
