@@ -101,6 +101,23 @@ def test_command_line_items_reach_the_right_sections(tmp_path):
         assert load_workflow(name).register.model
 
 
+@pytest.mark.parametrize("name", ["demo", "fashion_mnist"])
+def test_bundled_workflows_evaluate_splits_their_sources_have(name):
+    from sharding.sources import find_fashion_mnist
+
+    from pipeline.workflow import open_named_source
+
+    wf = load_workflow(name)
+    if wf.source == "fashion-mnist" and find_fashion_mnist() is None:
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    own = set(open_named_source(wf.source, wf.source_options).list().splits)
+    for s in wf.evaluate.sets:
+        if s.data:
+            continue
+        splits = own if not s.source else set(open_named_source(s.source, s.source_options).list().splits)
+        assert s.split in splits, (name, s.name, sorted(splits))
+
+
 def _main(path: Path, *items: str, from_stage: str | None = None) -> int:
     return main(argparse.Namespace(workflow=str(path), items=list(items), from_stage=from_stage,
                                    print_plan=False, no_progress=True))
