@@ -119,9 +119,13 @@ def init_ray(log_to_driver: bool = True) -> None:
         return
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    # Ray Train's controller takes one ray.train.report per worker per poll, every 2 s by default: a
-    # worker reporting more often waits. A local cluster's processes inherit this environment.
+    # A local cluster's processes inherit this environment (ray_cluster*.yaml set the same on a cluster):
+    # - Ray Train's controller takes one ray.train.report per worker per poll, every 2 s by default: a
+    #   worker reporting more often waits;
+    # - Ray Train's print patch sends a worker's print to its logger and, as sys.stdout is wrapped in a
+    #   Ray worker, to the stream as well: every progress line reached the terminal twice.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(RAY_TRAIN_POLL_S))
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver)
 
 

@@ -259,6 +259,18 @@ def test_token_auth_on_every_node(path):
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_every_node_gets_the_ray_train_settings_of_a_local_cluster(path):
+    """The environment `cscctrl` gives a local cluster (pipeline.launch.init_ray) is exported before
+    every `ray start`, so the same controller poll interval and print behaviour hold on a cluster."""
+    from pipeline.launch import RAY_TRAIN_POLL_S
+
+    for cmd in ray_start_commands(load(path)):
+        exports = dict(re.findall(r"\b(RAY_TRAIN_[A-Z_]+)=(\S+?);?(?=\s)", cmd[:cmd.index("ray start")]))
+        assert float(exports.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "nan")) == RAY_TRAIN_POLL_S, cmd
+        assert exports.get("RAY_TRAIN_ENABLE_PRINT_PATCH") == "0", cmd
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
 def test_nothing_listens_on_all_interfaces(path):
     config = load(path)
     every_command = " ".join(commands(config, *ALL_COMMAND_SECTIONS))
