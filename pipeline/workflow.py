@@ -543,11 +543,17 @@ def shard_valid(ctx: Context, outputs: dict[str, Any]) -> bool:
 
 def shard_run(ctx: Context, stage_run_id: str) -> dict[str, Any]:
     from sharding.storage import Destination
-    from sharding.write import finalize, prepare_destination, write_shards
+    from sharding.write import PlanMismatchError, finalize, prepare_destination, write_shards
 
     plan = ctx.outputs.pop("_plan")["plan"]
     dest = Destination(ctx.wf.shard_url)
-    prepare_destination(plan, dest)
+    try:
+        prepare_destination(plan, dest)
+    except PlanMismatchError:
+        raise PlanMismatchError(
+            f"{dest.url} holds shards of another source or other shard options (an earlier version of this "
+            f"workflow?). Nothing was changed: delete that folder, or give this workflow another storage= "
+            f"(cscctrl demo: --storage DIR) or shards.dest=") from None
     nodes: list[str] = []
     if dest.is_memory:  # memory:// lives in this process only
         write_shards(plan, dest, progress=ctx.progress)
@@ -946,7 +952,8 @@ def check_registered_architecture(uri: str, name: str, cfg: ExperimentConfig) ->
             differ.append(f"model.{key}: registered {theirs}, this workflow {getattr(ours, key)}")
     if differ:
         raise WorkflowError(f"register.model={name!r} is already taken by another architecture (version "
-                            f"{latest.version}): {'; '.join(differ)}. Choose another register.model.")
+                            f"{latest.version}): {'; '.join(differ)}. Choose another name (a register.model=NAME "
+                            f"item on the command line) or another storage= (cscctrl demo: --storage DIR).")
 
 
 def tracking_uri(wf: Workflow) -> str:

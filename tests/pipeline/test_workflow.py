@@ -144,6 +144,24 @@ def test_bad_input_fails_before_any_stage(tmp_path, capsys, items, from_stage, m
     assert not (tmp_path / "store" / "shards").exists()
 
 
+def test_shards_of_another_plan_at_the_destination_are_kept_and_the_fix_is_named(tmp_path, capsys):
+    """An earlier version of a workflow left shards of another source/options at its destination: the shard
+    stage fails naming the folder and the ways out, and leaves those shards as they were."""
+    from sharding.plan import plan_shards
+    from sharding.sources import open_source
+    from sharding.storage import Destination
+    from sharding.write import shard_source
+
+    dest = tmp_path / "store" / "shards"
+    shard_source(plan_shards(open_source("demo", train=8, val=0, unseen=0, size=16, seed=9), shard_maxcount=4),
+                 Destination(str(dest)))
+    before = {p.name: p.read_bytes() for p in dest.glob("*.tar")}
+    assert _main(workflow_file(tmp_path, "other", sweep=False)) == 1
+    err = capsys.readouterr().err
+    assert f"{dest} holds shards of another source" in err and "another storage=" in err
+    assert {p.name: p.read_bytes() for p in dest.glob("*.tar")} == before
+
+
 def test_registered_name_of_another_architecture_is_refused(tmp_path, capsys):
     from mlflow import MlflowClient
 
