@@ -30,7 +30,7 @@ from models import build_models
 from models.csc import refresh_dictionaries
 from models.ctrl import CTRLStats, CTRLTerms, ctrl_objective, ctrl_statistics
 from pipeline import distributed
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def checkpoint_due(train: TrainConfig, step: int) -> bool:
+    """Whether the loop checkpoints after ``step`` (1-based): every train.checkpoint_every steps and at the end."""
+    return step % train.checkpoint_every == 0 or step == train.steps
+
+
 class CTRLTrainer:
     """Closed-loop transcription: max over f, min over g, of T(f, g) on the global batch."""
 
@@ -199,7 +204,7 @@ class CTRLTrainer:
                 last = self.log_metrics(x)
             if (cfg.image_every and self.step % cfg.image_every == 0) or final:
                 self.reporter.images(self.step, self, x)
-            if self.step % cfg.checkpoint_every == 0 or final:
+            if checkpoint_due(cfg, self.step):
                 self.raise_if_nonfinite()  # never let a bad state overwrite the last good checkpoint
                 self.reporter.checkpoint(self.step, self.state_dict(), last)
         return last

@@ -21,7 +21,7 @@ from pipeline import distributed
 from pipeline.checkpoint import (check_architecture, checkpoint_dir_name, find_latest, load_ray_checkpoint, load_state,
                                  save_state)
 from pipeline.config import ExperimentConfig
-from pipeline.trainer import CTRLTrainer
+from pipeline.trainer import CTRLTrainer, checkpoint_due
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +177,10 @@ class RunReporter:
         if self.tracker:
             self.tracker.log_metrics(step, metrics)
             print(progress_line(step, self.cfg.train.steps, metrics), flush=True)
-        if not self.is_checkpoint_step(step):  # there the checkpoint's report carries these metrics
+        # At a checkpoint step the checkpoint's report carries these metrics: Ray Train's controller takes
+        # one report per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a second one would wait.
+        if not checkpoint_due(self.cfg.train, step):
             self.ray_train.report(metrics)
-
-    def is_checkpoint_step(self, step: int) -> bool:
-        """As CTRLTrainer.fit decides. Ray Train's controller takes one report per worker per poll
-        (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a second report at the same step would wait for it."""
-        t = self.cfg.train
-        return step % t.checkpoint_every == 0 or step == t.steps
 
     def images(self, step: int, trainer: CTRLTrainer, x: Tensor) -> None:
         if not self.tracker:
