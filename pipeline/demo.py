@@ -15,7 +15,8 @@ so running it again skips what is done and resumes what was interrupted:
 
 The photo crops are not the training data because, measured on 2 CPUs, CTRL (CSC or plain convolutions,
 binary or with the photo as class) does not learn to reconstruct natural-image crops in minutes.
-`ensure_demo_shards` still writes them for tests and benchmarks that need small real colour images.
+`ensure_demo_shards` still writes them: `cscctrl train` without data.shards trains on them, and tests use
+them as small real colour images.
 """
 from __future__ import annotations
 

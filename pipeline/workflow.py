@@ -502,18 +502,9 @@ def shard_on_ray(plan: Any, dest: Any, tasks: int = 0, progress: bool = True) ->
 
 
 def open_workflow_source(wf: Workflow) -> Any:
-    return open_named_source(wf.source, wf.source_options)
-
-
-def open_named_source(spec: str, options: dict[str, Any]) -> Any:
     from sharding.sources import open_source
 
-    if spec == "demo":
-        return open_source(spec, **options)
-    source = open_source(spec)
-    if options:
-        raise WorkflowError(f"source {spec!r} takes no source_options (only the demo source does)")
-    return source
+    return open_source(wf.source, **wf.source_options)
 
 
 def make_plan(wf: Workflow) -> Any:
@@ -533,12 +524,9 @@ def shard_inputs(ctx: Context) -> dict[str, Any]:
 
 
 def shard_valid(ctx: Context, outputs: dict[str, Any]) -> bool:
-    from sharding.manifest import ManifestError, read_manifest
+    from sharding.manifest import holds_plan
 
-    try:
-        return read_manifest(outputs["manifest"]).summary.get("fingerprint") == outputs["plan"]
-    except (FileNotFoundError, ManifestError, KeyError):
-        return False
+    return "manifest" in outputs and "plan" in outputs and holds_plan(outputs["manifest"], outputs["plan"])
 
 
 def shard_run(ctx: Context, stage_run_id: str) -> dict[str, Any]:
@@ -774,18 +762,16 @@ def evaluate_run(ctx: Context, stage_run_id: str) -> dict[str, Any]:
 def eval_shards(ctx: Context, s: EvalSet) -> str:
     """Shards of an evaluation set's own source (its split only), written once: a later run whose plan is the
     same reuses them (the manifest records the plan's fingerprint)."""
-    from sharding.manifest import ManifestError, read_manifest
+    from sharding.manifest import holds_plan
     from sharding.plan import plan_shards
+    from sharding.sources import open_source
     from sharding.storage import Destination
     from sharding.write import shard_source
 
     url = f"{ctx.wf.storage.rstrip('/')}/eval-shards/{s.name}"
-    plan = plan_shards(open_named_source(s.source, s.source_options), splits=[s.split], seed=ctx.wf.shards.seed)
-    try:
-        if read_manifest(url).summary.get("fingerprint") == plan.fingerprint:
-            return url
-    except (FileNotFoundError, ManifestError):
-        pass
+    plan = plan_shards(open_source(s.source, **s.source_options), splits=[s.split], seed=ctx.wf.shards.seed)
+    if holds_plan(url, plan.fingerprint):
+        return url
     shard_source(plan, Destination(url), workers=1, progress=ctx.progress, overwrite=True)  # a cache of ours
     return url
 
@@ -896,7 +882,7 @@ def check_workflow(wf: Workflow, from_stage: str | None, uri: str) -> None:
         raise WorkflowError("training.from_sweep: true needs a sweep section (the best trial of which sweep?)")
     if not wf.name or "/" in wf.name:
         raise WorkflowError(f"name: {wf.name!r} must be a non-empty name without '/'")
-    from sharding.sources import SourceError
+    from sharding.sources import SourceError, open_source
 
     try:
         open_workflow_source(wf)
@@ -907,7 +893,7 @@ def check_workflow(wf: Workflow, from_stage: str | None, uri: str) -> None:
             raise WorkflowError(f"evaluate.sets[{s.name}]: give data or source, not both")
         try:
             if s.source:
-                open_named_source(s.source, s.source_options)
+                open_source(s.source, **s.source_options)
         except (SourceError, TypeError) as e:
             raise WorkflowError(f"evaluate.sets[{s.name}].source: {e}") from None
     ctx = Context(wf=wf, uri=uri, records=None)  # type: ignore[arg-type]

@@ -196,3 +196,11 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
         shards[split] = [ShardInfo(r["name"], dest.url_of(r["name"]), int(r["samples"]), int(r["bytes"]),
                                    r["sha256"], r["first_key"], r["last_key"]) for r in rows]
     return Manifest(dest.url, summary, classes, shards, storage_options or {})
+
+
+def holds_plan(url: str, fingerprint: str) -> bool:
+    """Whether ``url`` holds a finished shard set of the plan with this fingerprint (False if none is there)."""
+    try:
+        return read_manifest(url).summary.get("fingerprint") == fingerprint
+    except (FileNotFoundError, ManifestError):
+        return False

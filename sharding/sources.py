@@ -560,11 +560,18 @@ class DemoSource(Source):
 # SOURCE argument -> Source
 # ----------------------------------------------------------------------------------------------
 def open_source(spec: str, **demo_options) -> Source:
-    """``demo`` | ``fashion-mnist`` | a local folder (ImageNet layout auto-detected, else class folders)."""
+    """``demo`` | ``fashion-mnist`` | a local folder (ImageNet layout auto-detected, else class folders).
+    Options are the demo source's; any other source refuses them (after checking that it exists)."""
     if spec == "demo":
         return DemoSource(**demo_options)
-    if spec == "fashion-mnist":
-        return FashionMNISTSource()
+    source = FashionMNISTSource() if spec == "fashion-mnist" else _open_folder(spec)
+    if demo_options:
+        raise SourceError(f"source {spec!r} takes no source_options (only the demo source does), got "
+                          f"{', '.join(sorted(demo_options))}")
+    return source
+
+
+def _open_folder(spec: str) -> Source:
     path = Path(spec).expanduser()
     if not path.exists():
         raise SourceError(f"SOURCE {spec!r} does not exist (and is not a named source: {', '.join(NAMED_SOURCES)})")

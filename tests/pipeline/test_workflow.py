@@ -103,18 +103,16 @@ def test_command_line_items_reach_the_right_sections(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo", "fashion_mnist"])
 def test_bundled_workflows_evaluate_splits_their_sources_have(name):
-    from sharding.sources import find_fashion_mnist
-
-    from pipeline.workflow import open_named_source
+    from sharding.sources import find_fashion_mnist, open_source
 
     wf = load_workflow(name)
     if wf.source == "fashion-mnist" and find_fashion_mnist() is None:
         pytest.skip("Debian package dataset-fashion-mnist not installed")
-    own = set(open_named_source(wf.source, wf.source_options).list().splits)
+    own = set(open_source(wf.source, **wf.source_options).list().splits)
     for s in wf.evaluate.sets:
         if s.data:
             continue
-        splits = own if not s.source else set(open_named_source(s.source, s.source_options).list().splits)
+        splits = own if not s.source else set(open_source(s.source, **s.source_options).list().splits)
         assert s.split in splits, (name, s.name, sorted(splits))
 
 
