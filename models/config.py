@@ -52,6 +52,12 @@ class ModelConfig:
     n_steps: int = 2
     """Unrolled proximal-gradient steps n per CSC layer (SDNet default 2)."""
 
+    n_steps_per_stage: tuple[int, ...] = ()
+    """Optional explicit n per encoder stage (one value per CSC stage, the last 1×1 stage included);
+    () = n_steps everywhere. A stage whose dictionary is learned by sparse coding
+    (objective.dictionary_weight) needs codes that explain its input: tens of steps, not two
+    (docs/method.md, "Learning the dictionaries")."""
+
     lam: float = 0.1
     """Sparsity weight λ of every CSC layer (SDNet default 0.1)."""
 
@@ -145,6 +151,12 @@ class ModelConfig:
             raise ValueError("model.layer='conv' cannot have model.decoder_dictionaries='tied': tied decoders "
                              "synthesise with the encoder's CSC dictionaries, and the conv baseline has none. "
                              "Set model.decoder_dictionaries=separate (or model.layer=csc).")
+        if any(v < 1 for v in self.n_steps_per_stage):
+            raise ValueError(f"model.n_steps_per_stage={self.n_steps_per_stage}: every value must be >= 1")
+        if self.n_steps_per_stage and len(self.n_steps_per_stage) != self.num_stages:
+            raise ValueError(
+                f"model.n_steps_per_stage has {len(self.n_steps_per_stage)} values but image_size={self.image_size} "
+                f"gives {self.num_stages} CSC stages ({self.num_stages - 1} halving + 1 final)")
         if self.lam_per_stage and len(self.lam_per_stage) != self.num_stages:
             raise ValueError(
                 f"model.lam_per_stage has {len(self.lam_per_stage)} values but image_size={self.image_size} "
@@ -173,6 +185,10 @@ class ModelConfig:
         lams = [self.lam * (self.stage2_lam_scale if i == 1 else 1.0) for i in range(self.num_stages)]
         lams[-1] = self.lam * self.final_lam_scale
         return lams
+
+    def stage_n_steps(self) -> list[int]:
+        """Unrolled steps n of each encoder stage: n_steps_per_stage if given, else n_steps everywhere."""
+        return list(self.n_steps_per_stage) if self.n_steps_per_stage else [self.n_steps] * self.num_stages
 
     @property
     def decoder_width(self) -> int:

@@ -26,12 +26,14 @@ LEAKY_SLOPE = 0.2
 
 
 def make_csc_layer(cfg: ModelConfig, in_channels: int, num_atoms: int, kernel_size: int, stride: int,
-                   padding: int, lam: float, nonneg: bool | None = None) -> CSCLayer | ConvLayer:
+                   padding: int, lam: float, nonneg: bool | None = None,
+                   n_steps: int | None = None) -> CSCLayer | ConvLayer:
     """An encoder layer of ``cfg.layer``: a CSCLayer with the solver settings of ``cfg`` (the one place they
     are read), or for the baseline ``cfg.layer == "conv"`` a ConvLayer of the same shape (no solver)."""
     if cfg.layer == "conv":
         return ConvLayer(in_channels, num_atoms, kernel_size, stride, padding)
-    return CSCLayer(in_channels, num_atoms, kernel_size, stride, padding, n_steps=cfg.n_steps, lam=lam,
+    return CSCLayer(in_channels, num_atoms, kernel_size, stride, padding,
+                    n_steps=cfg.n_steps if n_steps is None else n_steps, lam=lam,
                     mu=cfg.mu, nonneg=cfg.nonneg if nonneg is None else nonneg, solver=cfg.solver,
                     power_iters=cfg.power_iters, power_iters_warm=cfg.power_iters_warm)
 
@@ -62,11 +64,12 @@ class CSCEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        resolutions, lams = cfg.resolutions, cfg.stage_lams()
+        resolutions, lams, steps = cfg.resolutions, cfg.stage_lams(), cfg.stage_n_steps()
         stages = []
         channels = cfg.in_channels
         for i, width in enumerate(encoder_widths(cfg, cfg.ndf)):
-            csc = make_csc_layer(cfg, channels, width, kernel_size=4, stride=2, padding=1, lam=lams[i])
+            csc = make_csc_layer(cfg, channels, width, kernel_size=4, stride=2, padding=1, lam=lams[i],
+                                 n_steps=steps[i])
             # Stage 1 has no BatchNorm. With non-negative codes its LeakyReLU is the identity (codes ≥ 0);
             # it matters when cfg.nonneg is False.
             stages.append(EncoderStage(csc, batch_norm=i > 0))
@@ -74,7 +77,7 @@ class CSCEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         # Valid kernel of the remaining side: (final, final) → 1×1 with nz atoms.
         self.final = make_csc_layer(cfg, channels, cfg.nz, kernel_size=resolutions[-1], stride=1, padding=0,
-                                    lam=lams[-1], nonneg=cfg.nonneg and cfg.nonneg_features)
+                                    lam=lams[-1], nonneg=cfg.nonneg and cfg.nonneg_features, n_steps=steps[-1])
 
     def csc_layers(self) -> list[CSCLayer | ConvLayer]:
         """The CSC layers in input-to-output order (the halving stages, then the final 1×1 stage); for the
@@ -89,16 +92,24 @@ class CSCEncoder(nn.Module):
         """z (b, nz) and the sparse code of every CSC stage (before BatchNorm/activation), input to output:
         [(b, ndf, S/2, S/2), …, (b, nz, 1, 1)], for sparsity metrics and pictures. For the baseline these
         are the (dense) conv outputs at the same places."""
+        z, codes, _ = self.forward_stages(x)
+        return z, codes
+
+    def forward_stages(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """z, the code z_l of every CSC stage and the input h_{l−1} that stage l coded (h₀ = x), so that
+        h_{l−1} ≈ A_l z_l can be measured (residuals) and learned (the dictionary loss)."""
         self._check_input(x)
         self.prepare()
-        codes = []
+        codes, inputs = [], []
         h = x
         for stage in self.stages:
+            inputs.append(h)
             h, code = stage(h)
             codes.append(code)
+        inputs.append(h)
         code = self.final.solve(h)
         codes.append(code)
-        return F.normalize(code.flatten(1), dim=1), codes
+        return F.normalize(code.flatten(1), dim=1), codes, inputs
 
     @torch.compiler.disable  # Python-side bookkeeping, once per forward: the stages then form one graph
     def prepare(self) -> None:

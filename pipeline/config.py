@@ -46,8 +46,18 @@ class ObjectiveConfig:
     """Weight of the extra R(Z) term (u-CTRL); 0 = off."""
 
     consistency_weight: float = 0.0
-    """λ₂ of the sample-wise consistency Σᵢ (1 − cos(zᵢ, ẑᵢ)), a term of the game: the decoder minimises it,
-    the encoder maximises it (opposite signs for the two players); 0 = off."""
+    """λ₂ of the sample-wise consistency Σᵢ (1 − cos(zᵢ, ẑᵢ)), summed over the global batch. A constraint
+    that BOTH players minimise (u-CTRL), not a term of the game; pair it with rate_weight > 0 so that the
+    encoder cannot satisfy it by becoming blind to the difference of x and x̂. 0 = off."""
+
+    dictionary_weight: float = 0.0
+    """Weight of the stage-local dictionary loss Σ_l ‖sg(h_{l−1}) − A_l sg(z_l)‖² / ‖sg(h_{l−1})‖² in the
+    encoder's loss (models/dictionary.py eq. 5): the dictionary update of sparse coding, on the stages
+    listed in dictionary_stages. Its gradient reaches only those stages' atoms (codes and inputs are
+    detached); it is no pixel loss on g(f(x)). 0 = off (atoms move only through the game)."""
+
+    dictionary_stages: tuple[int, ...] = (1,)
+    """Encoder stages (1-based; 1 codes the image) whose atoms the dictionary loss learns."""
 
     num_classes: int = 0
     """Classes k for the multiclass objective; 0 = read from the shard manifest."""
@@ -59,6 +69,10 @@ class ObjectiveConfig:
             raise ConfigError("objective.rate_weight and objective.consistency_weight must be >= 0")
         if self.num_classes < 0:
             raise ConfigError(f"objective.num_classes={self.num_classes}: must be >= 0")
+        if self.dictionary_weight < 0:
+            raise ConfigError(f"objective.dictionary_weight={self.dictionary_weight}: must be >= 0")
+        if any(s < 1 for s in self.dictionary_stages):
+            raise ConfigError(f"objective.dictionary_stages={self.dictionary_stages}: stages are numbered from 1")
 
 
 @dataclass
@@ -70,6 +84,13 @@ class AdamConfig:
     """Adam (β₁, β₂): (0.5, 0.999) for the 32 px labelled setting, (0.0, 0.9) for 48/128 px."""
 
     weight_decay: float = 0.0
+
+    atom_lr_scale: bool = False
+    """Step each 4-d weight (CSC dictionary or convolution filter) of this player at lr × rms(W₀) / 0.02, W₀
+    its initial value, and the rest (BatchNorm) at lr. Adam moves each entry by about lr per step whatever
+    its size, so a unit-norm atom of C·k² entries (rms 1/√(C·k²): 0.25 for grey 4×4 atoms) turns about
+    rms/0.02 times slower than a DCGAN-initialised filter (rms 0.02) at the same lr; with this on, every
+    filter turns at the same relative rate. DCGAN-initialised convolutions are unaffected (factor 1)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -91,6 +112,7 @@ class OptimConfig:
 
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many steps before the schedule."""
+
 
 
 @dataclass

@@ -2,11 +2,13 @@
 
     cscctrl eval CHECKPOINT_OR_RUN [--data SHARDS_URL] [--split val] [--out DIR]
 
-On an exact, non-resampled pass over a shard split: reconstruction MSE / PSNR / SSIM of g(f(x)),
-per-stage sparsity of the codes, the ΔR terms on the whole evaluation set (Gram statistics summed over
-batches), feature quality where labels exist (k-NN and nearest-subspace accuracy with the training
-split as reference), and FD-EffNetLite0 / KID between real and reconstructed images (a Fréchet distance
-on EfficientNet-Lite0 features that ship in a package: named for what it is, not "FID").
+On an exact, non-resampled pass over a shard split: reconstruction MSE / PSNR / SSIM of g(f(x)) (the
+standard SSIM, of the images mapped to [0, 1] with data range 1: metrics.ssim_signed_unit), per-stage
+sparsity of the codes, the ΔR terms on the whole evaluation set (Gram statistics summed over batches),
+feature quality where labels exist (k-NN and nearest-subspace accuracy with the training split as
+reference), and FD-EffNetLite0 / KID between real and reconstructed images (a Fréchet distance on
+EfficientNet-Lite0 features that ship in a package: named for what it is, not "FID"). Images have the
+model's in_channels: 3 (RGB) or 1 (grey; the feature networks see it replicated to RGB).
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def evaluate_model(encoder: nn.Module, decoder: nn.Module, batches: Iterable[tup
         n_images += b
         sums["mse"] += M.mse(x, x_hat, reduction="none").sum().item()
         sums["psnr"] += M.psnr(x, x_hat, reduction="none").clamp(max=100.0).sum().item()
-        sums["ssim"] += M.ssim(x, x_hat, reduction="none").sum().item()
+        sums["ssim"] += M.ssim_signed_unit(x, x_hat, reduction="none").sum().item()
         s = ctrl_statistics(z, z_hat, labels.clamp(0, k - 1) if k > 1 else labels, k, mode)
         stats = s if stats is None else CTRLStats.from_flat(stats.to_flat() + s.to_flat(), k, z.shape[1])
         usage = [M.atom_usage(c).mul(b) for c in codes]
@@ -171,7 +173,8 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
                     cfg.data.shards)
         return {}
     loader = make_eval_loader(cfg.data.shards, split=cfg.data.eval_split, image_size=cfg.model.image_size,
-                              batch_size=cfg.train.batch_size_per_worker, num_workers=0, rank=0, world_size=1)
+                              batch_size=cfg.train.batch_size_per_worker, num_workers=0, rank=0, world_size=1,
+                              channels=cfg.model.in_channels)
     result = evaluate_model(trainer.raw_encoder, trainer.raw_decoder, loader, device=trainer.device,
                             mode=cfg.objective.mode, num_classes=trainer.num_classes,
                             eps_sq=cfg.objective.eps_sq, max_batches=cfg.train.eval_batches)
@@ -286,7 +289,7 @@ def _main(args: argparse.Namespace) -> int:
 
     def loader(split: str) -> Any:
         return make_eval_loader(data, split=split, image_size=cfg.model.image_size, batch_size=args.batch_size,
-                                num_workers=0, rank=0, world_size=1)
+                                num_workers=0, rank=0, world_size=1, channels=cfg.model.in_channels)
 
     k = cfg.objective.num_classes if cfg.objective.mode == "multiclass" else 1
     common = dict(device=device, mode=cfg.objective.mode, num_classes=k, eps_sq=cfg.objective.eps_sq,

@@ -68,8 +68,9 @@ def _resize(x: Tensor, size: int, antialias: bool) -> Tensor:
 
 
 class EffNetLite0Features:
-    """Pooled penultimate features of ImageNet-trained EfficientNet-Lite0: (b, 3, h, w) in [-1, 1] → (b, 1280).
+    """Pooled penultimate features of ImageNet-trained EfficientNet-Lite0: (b, c, h, w) in [-1, 1] → (b, 1280).
 
+        x    = (x, x, x) along channels when c = 1  (grey replicated to RGB; c = 3 as it is)
         x₂₂₄ = bilinear_resize(x, 224 × 224)
         u    = (255 · (x₂₂₄ + 1) / 2 − 127) / 128          (the network's own input normalisation)
         f(x) = mean_{i,j} ReLU6(BN(conv_head(blocks(stem(u)))))[:, :, i, j]
@@ -183,6 +184,8 @@ class InceptionFeatures:
     """Inception-v3 pool3 features (b, 2048) for standard FID, from a local weights file.
 
         x₂₉₉ = bilinear_resize(x, 299 × 299);  f(x) = avgpool(Mixed_7c(…(x₂₉₉)))
+
+    (a grey batch, c = 1, replicated to 3 equal channels first).
 
     With pt_inception weights this reproduces pytorch-fid's features (checked against its
     FIDInception blocks to 3e-8 with torchvision 0.28 during development).

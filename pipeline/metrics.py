@@ -1,10 +1,12 @@
 """Evaluation metrics: reconstruction quality, distribution distances, feature classification, sparsity.
 
-Images are float tensors in [-1, 1], shape (b, c, h, w), so the dynamic range L of PSNR and SSIM is 2.
+Images are float tensors in [-1, 1], shape (b, c, h, w), so the dynamic range L of PSNR is 2 (the same
+PSNR as [0, 1] images with L = 1). SSIM is not invariant to that offset: the reported one is the standard
+SSIM, of the images mapped to [0, 1] with L = 1 (`ssim_signed_unit`); `ssim` is the formula for any range.
 Feature sets are (n, d) arrays or tensors, one row per sample (the rows of ``z``; REFERENCE.md §4 writes
 the transposed Z ∈ ℝ^{d×n}).
 
-    reconstruction   mse, psnr, ssim                          per image, or their mean over the batch
+    reconstruction   mse, psnr, ssim, ssim_signed_unit        per image, or their mean over the batch
     distributions    frechet_distance (Gaussian 2-Wasserstein), kid (unbiased polynomial-kernel MMD²)
     classification   knn_accuracy (cosine k-NN, majority vote), nearest_subspace_accuracy (MCR²/CTRL)
     sparse codes     sparsity (fraction of non-zero entries), atom_usage (the same per atom)
@@ -85,7 +87,7 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, dtype=to
     return (w / w.sum()).to(dtype)
 
 
-def ssim(x: Tensor, y: Tensor, data_range: float = 2.0, reduction: Reduction = "mean") -> Tensor:
+def ssim(x: Tensor, y: Tensor, data_range: float, reduction: Reduction = "mean") -> Tensor:
     """Structural similarity (Wang et al. 2004), per image: the mean over channels and pixels of
 
         SSIM(p) = (2 μx μy + C1)(2 σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2)),
@@ -97,13 +99,16 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 2.0, reduction: Reduction = "
     (population covariance, no n/(n−1) factor).
 
     x, y: (b, c, h, w) with h, w >= 11. Returns (b,) with reduction="none", else the batch mean.
+    L has no default: the luminance factor depends on where the range starts, not only on its width
+    (see ssim_signed_unit for images in [-1, 1]).
     """
     _check_pair(x, y, "ssim")
     if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"ssim: images must be at least {SSIM_WINDOW}×{SSIM_WINDOW} pixels for the "
                          f"Gaussian window, got {tuple(x.shape[-2:])}")
     if data_range <= 0:
-        raise ValueError(f"ssim: data_range={data_range} must be > 0 (2.0 for images in [-1, 1])")
+        raise ValueError(f"ssim: data_range={data_range} must be > 0 (1.0 for images in [0, 1], 255.0 for "
+                         "0…255; images in [-1, 1] go through ssim_signed_unit)")
     b, c, h, w = x.shape
     dtype = _compute_dtype(x)
     # Channels become batch entries so one separable depthwise filter handles every channel.
@@ -127,6 +132,25 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 2.0, reduction: Reduction = "
         (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     per_image = ssim_map.reshape(b, -1).mean(1)  # mean over channels and positions
     return _reduce(per_image, reduction)
+
+
+def ssim_signed_unit(x: Tensor, y: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """Standard SSIM of images in [-1, 1]: ssim((x + 1) / 2, (y + 1) / 2, data_range=1), per image.
+
+    Standard SSIM is that of images in [0, 1] with L = 1 (or of 0…255 with L = 255: the same number),
+    not of [-1, 1] images with L = 2. Under u = (x + 1) / 2 the contrast-structure factor
+    (2 σxy + C2) / (σx² + σy² + C2) is unchanged (every term scales by ¼), but the luminance factor
+    is not: in [-1, 1] coordinates the standard one is
+
+        (2 (μx + 1)(μy + 1) + C1) / ((μx + 1)² + (μy + 1)² + C1),   C1 = (2 K1)²,
+
+    where ssim(x, y, data_range=2) would use (2 μx μy + C1) / (μx² + μy² + C1): the standard factor
+    with every mean shifted by −1 (mid-grey moved to 0). E.g. μx = 0, μy = 0.1 gives 0.9955 in the
+    standard factor and C1 / (0.01 + C1) = 0.038 in the shifted one. x, y: (b, c, h, w) with h, w >= 11,
+    computed in float32 (float64 stays float64). Returns (b,) with reduction="none", else the batch mean.
+    """
+    dtype = _compute_dtype(x)
+    return ssim((x.to(dtype) + 1.0) / 2.0, (y.to(dtype) + 1.0) / 2.0, data_range=1.0, reduction=reduction)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ def resolve_num_classes(cfg: ExperimentConfig) -> int:
 
 
 def synthetic_batches(cfg: ExperimentConfig, device: torch.device, num_classes: int = 10) -> Iterator[tuple[Tensor, Tensor]]:
-    """A fixed random batch on the device, forever (benchmarks: the step without any data path)."""
+    """A fixed random batch on the device, forever (benchmarks: the step without any data path):
+    x ~ U[−1, 1) of shape (batch_size_per_worker, model.in_channels, image_size, image_size)."""
     m = cfg.model
     g = torch.Generator().manual_seed(cfg.run.seed + distributed.rank())
     x = (torch.rand(cfg.train.batch_size_per_worker, m.in_channels, m.image_size, m.image_size, generator=g) * 2 - 1)
@@ -150,7 +151,7 @@ def make_batches(cfg: ExperimentConfig, *, rank: int, world_size: int, start_ste
         batch_size=cfg.train.batch_size_per_worker, steps_per_epoch=max(1, cfg.train.steps - start_step),
         num_workers=cfg.data.loader_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
         flip=cfg.data.flip, dequantize=cfg.data.dequantize, shuffle_buffer=cfg.data.shuffle_buffer,
-        pin_memory=device.type == "cuda")
+        channels=cfg.model.in_channels, pin_memory=device.type == "cuda")
     # The data position: the resampled stream's epoch is the step it starts at, so a resumed run draws
     # a fresh, deterministic order (seeded by (seed, rank, step)) instead of replaying the first batches.
     loader.set_epoch(start_step)

@@ -16,11 +16,14 @@ The pipeline, one stage per line, with what the stream holds after it::
                                                          #   shards skipped with a warning and counted
     GroupSamples (wds group_by_keys)                     # samples {__key__, jpg|png, cls, json}
     SeededShuffle (train)                                # samples, shuffled in a buffer per worker
-    DecodeTransform                                      # (x (3,H,W), label, key); only image and cls
+    DecodeTransform                                      # (x (C,H,W), label, key); only image and cls
                                                          #   members are decoded, nothing is unpickled
-    wds.batched(batch_size, partial=eval)                # (x (b,3,H,W) float32, labels (b,) int64[, keys])
+    wds.batched(batch_size, partial=eval)                # (x (b,C,H,W) float32, labels (b,) int64[, keys])
     wds.WebLoader(batch_size=None, num_workers)          # batches from the loader workers
       .with_epoch(steps_per_epoch)  (train)              # exactly that many batches per epoch
+
+C = `channels`: 3 decodes every image to RGB (grey replicated), 1 to grey (colour -> ITU-R 601 luminance,
+Pillow's convert("L")); sharding/transforms.py has the per-image steps.
 
 Seeds: data order depends only on (seed, epoch, rank, loader worker). `loader.set_epoch(e)` fixes the
 epoch of the next iteration; otherwise each full iteration advances it by one.
@@ -283,7 +286,7 @@ class DecodeTransform(wds.PipelineStage):
 
 
 def collate(samples: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """[(x (3,H,W), label, key)] -> (x (b,3,H,W), labels (b,) int64, keys)."""
+    """[(x (C,H,W), label, key)] -> (x (b,C,H,W), labels (b,) int64, keys)."""
     xs, labels, keys = zip(*samples)
     # np.stack: a plain copy, without torch's intra-op threads (see transforms.to_signed_unit).
     return torch.from_numpy(np.stack([x.numpy() for x in xs])), torch.tensor(labels, dtype=torch.int64), list(keys)
@@ -299,7 +302,8 @@ def drop_keys(batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 class ShardLoader:
     """Iterable of batches with reader statistics and an epoch counter.
 
-    Yields (x (b,3,H,W) float32 in [−1, 1], labels (b,) int64), plus keys when built with_keys.
+    Yields (x (b,C,H,W) float32 in [−1, 1], labels (b,) int64), plus keys when built with_keys; C is the
+    loader's `channels` (3 or 1).
     """
 
     def __init__(self, loader: wds.WebLoader, stats: ReaderStats, epoch: SharedEpoch, num_batches: int,
@@ -345,13 +349,15 @@ def make_train_loader(shards: str | Manifest, split: str = "train", *, image_siz
                       steps_per_epoch: int, num_workers: int = 2, seed: int = 0, rank: int | None = None,
                       world_size: int | None = None, flip: bool = True, dequantize: bool = False,
                       shuffle_buffer: int = SAMPLE_SHUFFLE_SIZE, with_keys: bool = False,
-                      storage_options: dict | None = None, **loader_kwargs) -> ShardLoader:
+                      storage_options: dict | None = None, channels: int = 3, **loader_kwargs) -> ShardLoader:
     """Resampled training stream: exactly `steps_per_epoch` full batches per epoch on every rank.
 
-    shards: DEST URL (or a Manifest); batch_size: per rank; num_workers: DataLoader processes per rank.
+    shards: DEST URL (or a Manifest); batch_size: per rank; num_workers: DataLoader processes per rank;
+    channels: 3 (RGB) or 1 (grey), the model's in_channels.
     Extra keyword arguments go to the DataLoader (pin_memory, prefetch_factor, persistent_workers).
     """
     _check_sizes(batch_size, num_workers)
+    transform = ImageTransform(image_size, flip, dequantize, channels)  # validates image_size, channels
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     if shuffle_buffer < 1:
@@ -369,7 +375,7 @@ def make_train_loader(shards: str | Manifest, split: str = "train", *, image_siz
         TarMembers(stats, storage_options or manifest.storage_options, resampled=True),
         GroupSamples(stats),
         SeededShuffle(shuffle_buffer, SAMPLE_SHUFFLE_INITIAL, seed, rank, epoch),
-        DecodeTransform(ImageTransform(image_size, flip, dequantize), stats, seed, rank, epoch),
+        DecodeTransform(transform, stats, seed, rank, epoch),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     loader = _web_loader(pipeline, num_workers, **loader_kwargs)
@@ -405,10 +411,14 @@ def eval_batches(shard_samples: list[int], rank: int, world_size: int, num_worke
 
 def make_eval_loader(shards: str | Manifest, split: str = "val", *, image_size: int, batch_size: int,
                      num_workers: int = 2, rank: int | None = None, world_size: int | None = None,
-                     with_keys: bool = False, storage_options: dict | None = None,
+                     with_keys: bool = False, storage_options: dict | None = None, channels: int = 3,
                      **loader_kwargs) -> ShardLoader:
-    """Exact evaluation pass: every sample of `split` once across ranks × workers; last batches partial."""
+    """Exact evaluation pass: every sample of `split` once across ranks × workers; last batches partial.
+
+    channels: 3 (RGB) or 1 (grey), the model's in_channels.
+    """
     _check_sizes(batch_size, num_workers)
+    transform = ImageTransform(image_size, channels=channels)  # validates image_size, channels
     rank, world_size = resolve_rank(rank, world_size)
     manifest = _manifest(shards, storage_options)
     infos = manifest.shard_infos(split)
@@ -421,7 +431,7 @@ def make_eval_loader(shards: str | Manifest, split: str = "val", *, image_size: 
         RankShards(urls, rank, world_size),
         TarMembers(stats, storage_options or manifest.storage_options, resampled=False),
         GroupSamples(stats),
-        DecodeTransform(ImageTransform(image_size), stats, 0, rank, epoch),
+        DecodeTransform(transform, stats, 0, rank, epoch),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     loader = _web_loader(pipeline, num_workers, **loader_kwargs)

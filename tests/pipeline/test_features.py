@@ -195,3 +195,5 @@ def test_inception_features_from_a_local_file(tmp_path, num_classes, aux):
     assert ext.kind == ("pt_inception" if num_classes == 1008 else "torchvision")
     feats = ext(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    grey = torch.rand(2, 1, 64, 64) * 2 - 1  # a grey batch is replicated to 3 equal channels
+    torch.testing.assert_close(ext(grey), ext(grey.expand(-1, 3, -1, -1)))

@@ -81,6 +81,32 @@ def test_recon_grid_puts_each_real_row_above_its_reconstructions():
         images.recon_grid(x, x_hat[:, :1])
 
 
+def test_recon_grid_of_grey_images_is_grey():
+    h = w = 5
+    x, p = quantised(4, 1, h, w, seed=10)
+    x_hat, p_hat = quantised(4, 1, h, w, seed=11)
+    img = images.recon_grid(x, x_hat, ncol=4, padding=1)
+    assert img.mode == "L" and img.size == (1 + 4 * 6, 1 + 2 * 6)
+    grid = np.asarray(img)
+    for i in range(4):
+        np.testing.assert_array_equal(cell(grid, 0, i, h, w, 1), p[i, ..., 0])
+        np.testing.assert_array_equal(cell(grid, 1, i, h, w, 1), p_hat[i, ..., 0])
+
+
+def test_atom_tiles_of_a_grey_dictionary_are_grey_and_normalised_per_atom():
+    # The first-stage dictionary of a model with in_channels = 1: (M, 1, k, k).
+    g = torch.Generator().manual_seed(12)
+    weight = torch.randn(5, 1, 4, 4, generator=g) * torch.tensor([1e-3, 1.0, 20.0, 0.5, 2.0]).view(5, 1, 1, 1)
+    zoom = 2
+    img = images.atom_tiles(weight, zoom=zoom, padding=1)
+    assert img.mode == "L" and img.size == (1 + 3 * 9, 1 + 2 * 9)  # ⌈√5⌉ = 3 per row, 8 px atoms
+    grid = np.asarray(img)
+    for m in range(5):
+        a = weight[m, 0].double().numpy()
+        expected = np.round(255 * (a - a.min()) / (a.max() - a.min())).astype(np.uint8)
+        np.testing.assert_array_equal(cell(grid, m // 3, m % 3, 8, 8, 1), expected.repeat(zoom, 0).repeat(zoom, 1))
+
+
 def test_atom_tiles_normalise_each_atom_to_the_full_range():
     g = torch.Generator().manual_seed(4)
     scales = torch.tensor([1e-3, 1.0, 50.0, 0.2, 3.0, 7.0]).view(6, 1, 1, 1)

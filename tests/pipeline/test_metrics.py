@@ -74,7 +74,8 @@ def test_gaussian_window_is_normalised_and_symmetric():
 
 def test_ssim_of_image_with_itself_is_one():
     x = torch.cat([photo("astronaut"), photo("coffee")])
-    np.testing.assert_allclose(metrics.ssim(x, x, reduction="none").numpy(), [1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(metrics.ssim(x, x, 2.0, reduction="none").numpy(), [1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(metrics.ssim_signed_unit(x, x, reduction="none").numpy(), [1.0, 1.0], atol=1e-6)
 
 
 @pytest.mark.parametrize("a,b", [(0.5, 0.5), (0.2, -0.3), (-1.0, 1.0)])
@@ -85,7 +86,7 @@ def test_ssim_of_constant_images_closed_form(a, b):
     expected = (2 * a * b + c1) / (a * a + b * b + c1)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
         x, y = torch.full((1, 3, 16, 16), a, dtype=dtype), torch.full((1, 3, 16, 16), b, dtype=dtype)
-        assert metrics.ssim(x, y).item() == pytest.approx(expected, abs=tol)
+        assert metrics.ssim(x, y, data_range=2.0).item() == pytest.approx(expected, abs=tol)
 
 
 def distortions(x: torch.Tensor) -> list[torch.Tensor]:
@@ -106,23 +107,61 @@ def test_ssim_matches_scikit_image_on_real_photos(name):
         expected = structural_similarity(
             x[0].permute(1, 2, 0).double().numpy(), y[0].permute(1, 2, 0).double().numpy(),
             channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=2.0)
-        assert metrics.ssim(x, y).item() == pytest.approx(expected, abs=1e-4)
+        assert metrics.ssim(x, y, data_range=2.0).item() == pytest.approx(expected, abs=1e-4)
+
+
+def standard_ssim(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """scikit-image's SSIM of each image pair mapped from [-1, 1] to [0, 1], data range 1 (the standard
+    SSIM: Gaussian window σ = 1.5, population covariance), computed independently in float64."""
+    to_unit = lambda t: ((t.double() + 1.0) / 2.0).numpy()  # noqa: E731
+    return [structural_similarity(to_unit(a), to_unit(b), data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False, channel_axis=0) for a, b in zip(x, y)]
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "camera"])
+def test_ssim_signed_unit_is_scikit_images_ssim_of_the_images_in_0_1(name):
+    x = photo(name)  # camera is grey: (1, 1, 160, 160)
+    ys = distortions(x)
+    xs = x.expand(len(ys), -1, -1, -1)
+    y = torch.cat(ys)
+    np.testing.assert_allclose(metrics.ssim_signed_unit(xs, y, reduction="none").numpy(), standard_ssim(xs, y),
+                               atol=1e-4)
+
+
+def test_standard_ssim_differs_from_the_minus_one_to_one_number_when_luminance_differs():
+    # A darker copy of a real photo: the same structure, means lower by 0.3 (a quarter of the range).
+    x = photo("astronaut")
+    y = (x - 0.3).clamp(-1, 1)
+    standard = metrics.ssim_signed_unit(x, y).item()
+    assert standard == pytest.approx(standard_ssim(x, y)[0], abs=1e-4)
+    old = metrics.ssim(x, y, data_range=2.0).item()  # SSIM of the [-1, 1] values with L = 2: not standard
+    assert abs(standard - old) > 0.05, (standard, old)
+    # Constant images, closed form: only the luminance factor is left. Mid-grey (0) against 0.1:
+    # standard (2 u v + K1²) / (u² + v² + K1²) with u = 0.5, v = 0.55, against the [-1, 1] value
+    # C1 / (0.01 + C1), C1 = (2 K1)².
+    a, b = torch.zeros(1, 1, 16, 16, dtype=torch.float64), torch.full((1, 1, 16, 16), 0.1, dtype=torch.float64)
+    u, v, k1 = 0.5, 0.55, 0.01
+    standard = (2 * u * v + k1**2) / (u * u + v * v + k1**2)
+    assert metrics.ssim_signed_unit(a, b).item() == pytest.approx(standard, abs=1e-12)
+    assert metrics.ssim(a, b, data_range=2.0).item() == pytest.approx(0.02**2 / (0.01 + 0.02**2), abs=1e-12)
 
 
 def test_ssim_per_image_matches_single_calls():
     x = torch.cat([photo("astronaut"), photo("coffee")])
     y = torch.cat([distortions(x[:1])[0], distortions(x[1:])[1]])
-    per_image = metrics.ssim(x, y, reduction="none")
+    per_image = metrics.ssim_signed_unit(x, y, reduction="none")
     assert per_image.shape == (2,)
-    assert per_image[0].item() == pytest.approx(metrics.ssim(x[:1], y[:1]).item(), abs=1e-6)
-    assert per_image[1].item() == pytest.approx(metrics.ssim(x[1:], y[1:]).item(), abs=1e-6)
+    assert per_image[0].item() == pytest.approx(metrics.ssim_signed_unit(x[:1], y[:1]).item(), abs=1e-6)
+    assert per_image[1].item() == pytest.approx(metrics.ssim_signed_unit(x[1:], y[1:]).item(), abs=1e-6)
 
 
 def test_reconstruction_metrics_reject_bad_inputs():
     with pytest.raises(ValueError, match="same shape"):
         metrics.psnr(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 15))
     with pytest.raises(ValueError, match="at least 11"):
-        metrics.ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+        metrics.ssim_signed_unit(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="data_range=0"):
+        metrics.ssim(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16), data_range=0)
     with pytest.raises(ValueError, match="reduction"):
         metrics.mse(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), reduction="sum")
 
