@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
+from models.csc import refresh_dictionaries
 
 
 @torch.no_grad()
@@ -37,6 +38,11 @@ def init_models_(encoder: nn.Module, decoder: nn.Module, cfg: ModelConfig) -> No
     if cfg.init == "dcgan":
         dcgan_init_(encoder)
         dcgan_init_(decoder)
+        # The re-drawn dictionaries are unit-normed now, not at the first forward: whoever reads the
+        # weights before it (the optimizer's per-tensor scale, the atoms' drift from initialisation)
+        # must see the atoms the network synthesises with.
+        refresh_dictionaries(encoder)
+        refresh_dictionaries(decoder)
     if cfg.decoder_bn_gamma != 1.0:
         for m in decoder.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:

@@ -38,9 +38,15 @@ def test_torch_init_is_the_layers_own_draw():
 def test_dcgan_init_keeps_csc_atoms_unit_norm_after_projection():
     torch.manual_seed(0)
     enc, dec = build_models(ModelConfig(init="dcgan", ndf=8, nz=16))
+    # Unit norm straight after building (before any forward): the optimizer's per-tensor learning-rate
+    # scale and the drift measures read these weights.
+    layers = enc.csc_layers() + dec.synthesis_layers()
+    for layer in layers:
+        atoms = layer.weight.detach().flatten(1)
+        torch.testing.assert_close(atoms.norm(dim=1), torch.ones(len(atoms)), atol=1e-5, rtol=0)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    dec(enc(x))  # forwards project the re-drawn dictionaries
-    for layer in enc.csc_layers():
+    dec(enc(x))  # forwards keep them so
+    for layer in layers:
         atoms = layer.weight.detach().flatten(1)
         torch.testing.assert_close(atoms.norm(dim=1), torch.ones(len(atoms)), atol=1e-5, rtol=0)
 
