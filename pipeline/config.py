@@ -259,6 +259,18 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
+    def __post_init__(self) -> None:
+        objective, model = self.objective, self.model
+        if objective.dictionary_weight:
+            if model.layer != "csc":
+                raise ConfigError(f"objective.dictionary_weight={objective.dictionary_weight} learns CSC "
+                                  f"dictionaries, but model.layer={model.layer!r} has none; set it to 0 for the "
+                                  f"plain-convolution baseline")
+            bad = [s for s in objective.dictionary_stages if s > model.num_stages]
+            if bad:
+                raise ConfigError(f"objective.dictionary_stages={objective.dictionary_stages}: the model has "
+                                  f"{model.num_stages} stages (image_size={model.image_size}), no stage {bad[0]}")
+
     @property
     def global_batch_size(self) -> int:
         return self.train.batch_size_per_worker * max(1, self.scaling.num_workers)

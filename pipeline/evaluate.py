@@ -4,7 +4,8 @@
 
 On an exact, non-resampled pass over a shard split: reconstruction MSE / PSNR / SSIM of g(f(x)) (the
 standard SSIM, of the images mapped to [0, 1] with data range 1: metrics.ssim_signed_unit), per-stage
-sparsity of the codes, the ΔR terms on the whole evaluation set (Gram statistics summed over batches),
+sparsity, residual and stage-1 PSNR of the codes and the atoms' roughness and drift from their
+initialisation (pipeline/diagnostics.py), the mean cos(z, ẑ), the ΔR terms on the whole evaluation set (Gram statistics summed over batches),
 feature quality where labels exist (k-NN and nearest-subspace accuracy with the training split as
 reference), and FD-EffNetLite0 / KID between real and reconstructed images (a Fréchet distance on
 EfficientNet-Lite0 features that ship in a package: named for what it is, not "FID"). Images have the
@@ -28,6 +29,7 @@ from models import build_models
 from models.ctrl import CTRLStats, ctrl_objective, ctrl_statistics
 from pipeline import metrics as M
 from pipeline.config import ExperimentConfig
+from pipeline.diagnostics import atom_measures, initial_dictionaries, stage_measures
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,9 @@ GRID_IMAGES = 32  # images in a real-vs-reconstruction grid
 @torch.no_grad()
 def training_images(trainer: Any, x: Tensor) -> dict[str, Any]:
     """Real-vs-reconstruction grid and the stage-1 dictionary atoms (pixel space) of the encoder (its
-    filters for the plain-convolution baseline).
+    filters for the plain-convolution baseline), and for colour models their luminance.
     Run in eval mode (running BN statistics: no collective, safe on rank 0 alone)."""
-    from pipeline.images import atom_tiles, recon_grid
+    from pipeline.images import atom_tiles, luminance, recon_grid
 
     enc, dec = trainer.raw_encoder, trainer.raw_decoder
     was_training = enc.training, dec.training
@@ -54,8 +56,11 @@ def training_images(trainer: Any, x: Tensor) -> dict[str, Any]:
         x_hat = dec(enc(xs)).float()
     finally:
         enc.train(was_training[0]), dec.train(was_training[1])
-    return {"recon": recon_grid(xs.cpu(), x_hat.cpu()),
-            "atoms_stage1": atom_tiles(first_stage_weight(enc).detach().float().cpu())}
+    atoms = first_stage_weight(enc).detach().float().cpu()
+    images = {"recon": recon_grid(xs.cpu(), x_hat.cpu()), "atoms_stage1": atom_tiles(atoms)}
+    if atoms.shape[1] == 3:
+        images["atoms_stage1_luma"] = atom_tiles(luminance(atoms))
+    return images
 
 
 def first_stage_weight(encoder: nn.Module) -> Tensor:
@@ -88,12 +93,15 @@ class EvalResult:
 def evaluate_model(encoder: nn.Module, decoder: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
                    device: torch.device, mode: str, num_classes: int, eps_sq: float,
                    max_batches: int = 0, keep_features: bool = False,
-                   fd_features: Any = None) -> EvalResult:
+                   fd_features: Any = None, initial_atoms: list[Tensor] | None = None) -> EvalResult:
     """One exact pass (or ``max_batches`` batches) in eval mode. The ΔR terms are those of the whole
-    evaluated set: per-batch Gram statistics are summed, then the logdets are taken once."""
+    evaluated set: per-batch Gram statistics are summed, then the logdets are taken once. The coding
+    measures of pipeline/diagnostics.py (residual and stage-1 PSNR per image batch, weighted by its size;
+    the atoms' roughness and, with ``initial_atoms``, drift) and the mean cos(z, ẑ) come with them."""
     encoder.eval(), decoder.eval()
     k = num_classes if mode == "multiclass" else 1
-    sums: dict[str, float] = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0}
+    sums: dict[str, float] = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "cos_z_zhat": 0.0}
+    coding: dict[str, float] = {}
     n_images = 0
     stats: CTRLStats | None = None
     code_nonzero: list[Tensor] = []
@@ -105,7 +113,7 @@ def evaluate_model(encoder: nn.Module, decoder: nn.Module, batches: Iterable[tup
         if max_batches and i >= max_batches:
             break
         x, labels = x.to(device).float(), labels.to(device)
-        z, codes = encoder.forward_with_codes(x)
+        z, codes, inputs = encoder.forward_stages(x)
         x_hat = decoder(z).float()
         z_hat = encoder(x_hat)
         b = x.shape[0]
@@ -113,6 +121,10 @@ def evaluate_model(encoder: nn.Module, decoder: nn.Module, batches: Iterable[tup
         sums["mse"] += M.mse(x, x_hat, reduction="none").sum().item()
         sums["psnr"] += M.psnr(x, x_hat, reduction="none").clamp(max=100.0).sum().item()
         sums["ssim"] += M.ssim_signed_unit(x, x_hat, reduction="none").sum().item()
+        sums["cos_z_zhat"] += torch.nn.functional.cosine_similarity(z.float(), z_hat.float(), dim=1).sum().item()
+        for name, v in stage_measures(encoder, x, codes, inputs).items():
+            if not name.startswith("sparsity/"):  # per-atom usage below gives the exact sparsity
+                coding[name] = coding.get(name, 0.0) + float(v) * b
         s = ctrl_statistics(z, z_hat, labels.clamp(0, k - 1) if k > 1 else labels, k, mode)
         stats = s if stats is None else CTRLStats.from_flat(stats.to_flat() + s.to_flat(), k, z.shape[1])
         usage = [M.atom_usage(c).mul(b) for c in codes]
@@ -129,6 +141,8 @@ def evaluate_model(encoder: nn.Module, decoder: nn.Module, batches: Iterable[tup
     if n_images == 0:
         raise ValueError("the evaluation data yielded no images")
     metrics = {k_: v / n_images for k_, v in sums.items()}
+    metrics.update({k_: v / n_images for k_, v in coding.items()})
+    metrics.update({k_: float(v) for k_, v in atom_measures(encoder, initial_atoms).items()})
     per_atom = [c / code_total for c in code_nonzero]
     for j, u in enumerate(per_atom):
         metrics[f"sparsity/stage{j + 1}"] = float(u.mean())
@@ -177,7 +191,8 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
                               channels=cfg.model.in_channels)
     result = evaluate_model(trainer.raw_encoder, trainer.raw_decoder, loader, device=trainer.device,
                             mode=cfg.objective.mode, num_classes=trainer.num_classes,
-                            eps_sq=cfg.objective.eps_sq, max_batches=cfg.train.eval_batches)
+                            eps_sq=cfg.objective.eps_sq, max_batches=cfg.train.eval_batches,
+                            initial_atoms=trainer.initial_atoms)
     trainer.raw_encoder.train(), trainer.raw_decoder.train()
     out = {f"eval/{k}": v for k, v in result.metrics.items()}
     tracker.log_metrics(trainer.step, out)
@@ -295,7 +310,9 @@ def _main(args: argparse.Namespace) -> int:
     common = dict(device=device, mode=cfg.objective.mode, num_classes=k, eps_sq=cfg.objective.eps_sq,
                   max_batches=args.max_batches)
     labelled = manifest.num_classes > 1
-    test = evaluate_model(encoder, decoder, loader(args.split), keep_features=labelled, fd_features=fd, **common)
+    initial = [w.to(device) for w in initial_dictionaries(cfg.model, cfg.run.seed)]
+    test = evaluate_model(encoder, decoder, loader(args.split), keep_features=labelled, fd_features=fd,
+                          initial_atoms=initial, **common)
     metrics = dict(test.metrics)
     if labelled and args.reference_split in manifest.splits and args.reference_split != args.split:
         ref = evaluate_model(encoder, decoder, loader(args.reference_split), keep_features=True, **common)

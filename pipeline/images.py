@@ -99,6 +99,21 @@ def minmax_normalise(t: Tensor) -> Tensor:
     return scaled.view_as(t)
 
 
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 luminance weights of (R, G, B), as Pillow's convert("L")."""
+
+
+def luminance(weight: Tensor) -> Tensor:
+    """The luminance of colour atoms (M, 3, k, k) → (M, 1, k, k): Σ_c w_c a_c with LUMA_WEIGHTS; the
+    structure of an atom without its colour (a one-channel weight is returned as it is)."""
+    if weight.dim() != 4 or weight.shape[1] not in (1, 3):
+        raise ValueError(f"luminance: expected atoms (M, 1 or 3, k, k), got shape {tuple(weight.shape)}")
+    if weight.shape[1] == 1:
+        return weight
+    w = torch.tensor(LUMA_WEIGHTS, dtype=weight.dtype, device=weight.device).view(1, 3, 1, 1)
+    return (weight * w).sum(1, keepdim=True)
+
+
 def atom_tiles(weight: Tensor, nrow: int = 0, zoom: int = 4, padding: int = 1,
                channels: str = "mean") -> Image.Image:
     """A dictionary (num_atoms, c, k, k) as a tile image, each atom min-max normalised to [0, 1] on its own.

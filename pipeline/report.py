@@ -54,7 +54,7 @@ def write_report(out: Path, report: dict[str, Any], encoder: nn.Module, decoder:
                  cfg: Any, history: dict[str, list[tuple[int, float]]] | None = None) -> Path:
     """Write the report folder; returns the path of report.html."""
     from pipeline.evaluate import first_stage_weight
-    from pipeline.images import (atom_tiles, code_activation_maps, curves_plot, recon_grid, save_png,
+    from pipeline.images import (atom_tiles, code_activation_maps, curves_plot, luminance, recon_grid, save_png,
                                  sparsity_histogram)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -67,8 +67,11 @@ def write_report(out: Path, report: dict[str, Any], encoder: nn.Module, decoder:
     if result.example is not None:
         add(recon_grid(*result.example), "recon.png", "Real images (odd rows) and reconstructions g(f(x)) (even rows)")
     w = WORDS[cfg.model.layer]
-    add(atom_tiles(first_stage_weight(encoder).detach().float().cpu()[:ATOMS_SHOWN]), "atoms_stage1.png",
-        f"Stage-1 {w['weights']} in pixel space")
+    first = first_stage_weight(encoder).detach().float().cpu()[:ATOMS_SHOWN]
+    add(atom_tiles(first), "atoms_stage1.png", f"Stage-1 {w['weights']} in pixel space")
+    if first.shape[1] == 3:
+        add(atom_tiles(luminance(first)), "atoms_stage1_luma.png",
+            f"Stage-1 {w['weights']}, luminance only: their spatial structure without colour")
     halving = len(encoder.csc_layers()) - 1
     for stage in range(2, halving + 1):
         add(atom_tiles(decoded_atoms(encoder, decoder, stage)), f"atoms_stage{stage}.png",

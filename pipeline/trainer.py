@@ -32,6 +32,7 @@ from models.ctrl import CTRLStats, CTRLTerms, ctrl_objective, ctrl_statistics
 from models.dictionary import dictionary_loss
 from pipeline import distributed
 from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.diagnostics import atom_measures, code_measures
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,8 @@ class CTRLTrainer:
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         encoder, decoder = build_models(cfg.model)
+        # The atoms the run starts from (also after a resume: the same seed draws them), for their drift.
+        self.initial_atoms = [layer.weight.detach().clone().to(device) for layer in encoder.csc_layers()]
         if distributed.is_distributed() and cfg.scaling.sync_batchnorm:
             distributed.convert_batchnorm(encoder)
             distributed.convert_batchnorm(decoder)
@@ -351,17 +354,19 @@ class CTRLTrainer:
                 f"objective.eps_sq.")
 
     @torch.no_grad()
-    def sparsity(self, x: Tensor) -> dict[str, float]:
-        """Fraction of non-zero codes per CSC stage of f on a batch (one extra forward, logging cadence)."""
+    def coding_measures(self, x: Tensor) -> dict[str, Tensor]:
+        """Sparsity, residual and stage-1 PSNR of f's codes on a batch (one extra forward), and the atoms'
+        roughness and drift from initialisation (pipeline/diagnostics.py), at the logging cadence."""
         with self._autocast(), frozen_running_stats(self.raw_encoder):  # logging must not change the model
-            _, codes = self.raw_encoder.forward_with_codes(x)
-        return {f"sparsity/stage{i + 1}": (c != 0).float().mean() for i, c in enumerate(codes)}
+            out = code_measures(self.raw_encoder, x)
+        out.update(atom_measures(self.raw_encoder, self.initial_atoms))
+        return out
 
     def log_metrics(self, x: Tensor) -> dict[str, float]:
         self.raise_if_nonfinite()
         n = max(1, self._count)
         tensors = dict(zip(self._keys, self._sums / n)) if self._sums is not None else {}
-        tensors.update(self.sparsity(x))
+        tensors.update(self.coding_measures(x))
         keys = list(tensors)
         values = torch.stack([tensors[k].float().reshape(()) for k in keys])
         distributed.all_reduce_sum_(values)  # mean over ranks (ΔR terms are already global)
@@ -371,6 +376,8 @@ class CTRLTrainer:
         steps = self.step - self._step_window
         mse = metrics["train/recon_mse"]
         metrics["train/recon_psnr"] = 10.0 * math.log10(4.0 / mse) if mse > 0 else float("inf")
+        if "decoder/consistency" in metrics:  # Σᵢ (1 − cos(zᵢ, ẑᵢ)) over the global batch
+            metrics["train/cos_z_zhat"] = 1.0 - metrics["decoder/consistency"] / self.cfg.global_batch_size
         metrics["perf/images_per_s"] = steps * self.cfg.global_batch_size / elapsed
         metrics["perf/step_ms"] = 1000.0 * elapsed / max(1, steps)
         metrics["perf/data_wait_fraction"] = self._data_wait / elapsed

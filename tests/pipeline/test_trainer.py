@@ -30,8 +30,8 @@ def test_sign_is_flipped_once():
 
     assert player_loss(T, "encoder", 0.0).item() == -2.0
     assert player_loss(T, "decoder", 0.0).item() == 2.0
-    # the consistency term is part of the game: opposite signs for the two players
-    assert player_loss(T, "encoder", 1.0).item() == -2.5
+    # the sample-wise consistency is a constraint both players minimise: the same sign in both losses
+    assert player_loss(T, "encoder", 1.0).item() == -1.5
     assert player_loss(T, "decoder", 1.0).item() == 2.5
 
 
@@ -186,7 +186,7 @@ def test_logging_forward_leaves_the_model_unchanged():
     trainer = CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=iter(()), reporter=Recorder())
     x, _ = next(_batches(1))
     before = _running_stats(trainer.raw_encoder)
-    trainer.sparsity(x)
+    trainer.coding_measures(x)
     for a, b in zip(_running_stats(trainer.raw_encoder), before):
         assert torch.equal(a, b)
 
