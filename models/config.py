@@ -1,4 +1,4 @@
-"""Architecture configuration of the CSC-CTRL autoencoder (REFERENCE.md §3).
+"""Architecture configuration of the CSC-CTRL autoencoder (docs/method.md §3).
 
 Lives beside the models (nanoGPT keeps ``GPTConfig`` beside ``GPT``); ``pipeline/config.py`` composes
 it into the experiment tree. Presets are named instances of this class in ``models/presets.py``.
@@ -39,7 +39,7 @@ class ModelConfig:
     """Feature dimension d of z = f(x) / ‖f(x)‖ on the unit sphere."""
 
     layer: Literal["csc", "conv"] = "csc"
-    """What each encoder and decoder stage is. 'csc': convolutional sparse coding (REFERENCE.md §2), the
+    """What each encoder and decoder stage is. 'csc': convolutional sparse coding (docs/method.md §2), the
     CSC-CTRL model. 'conv': the "CTRL with plain convolutions" baseline of the same size (models/conv.py):
     every CSC stage of the encoder becomes an ordinary convolution of the same kernel, stride, padding and
     channels (bias-free, as the CSC layer has none), and every synthesis stage of the decoder an ordinary
@@ -56,13 +56,13 @@ class ModelConfig:
     """Optional explicit n per encoder stage (one value per CSC stage, the last 1×1 stage included);
     () = n_steps everywhere. A stage whose dictionary is learned by sparse coding
     (objective.dictionary_weight) needs codes that explain its input: tens of steps, not two
-    (docs/method.md, "Learning the dictionaries")."""
+    (docs/method.md §2.2)."""
 
     lam: float = 0.1
     """Sparsity weight λ of every CSC layer (SDNet default 0.1)."""
 
     stage2_lam_scale: float = 0.05
-    """Multiplier of λ on encoder stage 2. Stage 2 reads stage 1's raw code (REFERENCE.md §3 puts no
+    """Multiplier of λ on encoder stage 2. Stage 2 reads stage 1's raw code (docs/method.md §3 puts no
     BatchNorm after stage 1), whose size is about η₁·|Aᵀx|, 20-30x below the unit scale of the other
     stages' inputs; the threshold λη is absolute, so with the full λ stage 2 keeps 0.1-2 % of its code at
     initialisation and many images map to z = 0. With λ/20 it keeps about 40 %, like the other stages

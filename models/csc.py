@@ -2,7 +2,7 @@
 
 References: the CSC layer of SDNet (Dai et al., "Revisiting Sparse Convolutional Model for Visual
 Recognition", NeurIPS 2022, its ``DictBlock``); CSC-CTRL (Dai et al., arXiv 2302.09347); FISTA (Beck &
-Teboulle, SIAM J. Imaging Sci. 2009, Algorithm 2.1 / eq. 4.1-4.3). REFERENCE.md §2 states the algorithm.
+Teboulle, SIAM J. Imaging Sci. 2009, Algorithm 2.1 / eq. 4.1-4.3). docs/method.md §2 states the algorithm.
 
 Notation (paper → code):
 

@@ -1,4 +1,4 @@
-"""The closed-loop transcription (CTRL) game value on batch statistics (REFERENCE.md §5).
+"""The closed-loop transcription (CTRL) game value on batch statistics (docs/method.md §5).
 
 References: CTRL (Dai et al., Entropy 2022, eq. 13-15: the multi-class game; the binary form treats Z and
 Ẑ as two groups); u-CTRL's extra R(Z) term (Tong et al. 2023); CSC-CTRL (Dai et al., arXiv 2302.09347).

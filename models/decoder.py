@@ -1,4 +1,4 @@
-"""The decoder g of CSC-CTRL: a stack of sparse deconvolutions mirroring the encoder (REFERENCE.md §3).
+"""The decoder g of CSC-CTRL: a stack of sparse deconvolutions mirroring the encoder (docs/method.md §3).
 
     z (b, nz) → (b, nz, 1, 1)
       ── Synthesis(k = final side, s1 p0) → BatchNorm → ReLU           nz → ngf·2^(m−1) at the final side

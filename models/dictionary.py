@@ -1,4 +1,4 @@
-"""Learning and inspecting the CSC dictionaries (docs/method.md, "Learning the dictionaries").
+"""Learning and inspecting the CSC dictionaries (docs/method.md §2.2).
 
 Each encoder stage l codes its input h_{l−1} (h₀ = x) as z_l ≈ argmin λ‖z‖₁ + ½‖h_{l−1} − A_l z‖², eq. (1) of
 models/csc.py. Sparse coding learns A_l by alternating two steps: code with A_l fixed (the unrolled solver),

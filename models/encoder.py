@@ -1,4 +1,4 @@
-"""The encoder f of CSC-CTRL: a stack of convolutional sparse coding stages (REFERENCE.md §3).
+"""The encoder f of CSC-CTRL: a stack of convolutional sparse coding stages (docs/method.md §3).
 
     x (b, C, S, S) ── CSC(k4 s2 p1) → LeakyReLU(0.2)                          stage 1: C → ndf,   S → S/2
                    ── CSC(k4 s2 p1) → BatchNorm → LeakyReLU(0.2)              stage i: ndf·2^(i−2) → ndf·2^(i−1)

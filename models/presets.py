@@ -1,4 +1,4 @@
-"""Named model configurations (REFERENCE.md §3), as in timm's ``@register_model`` / MAE's named builders.
+"""Named model configurations (docs/method.md §3), as in timm's ``@register_model`` / MAE's named builders.
 
     csc_ctrl_32            32 px, 3 halving stages (ndf, 2ndf, 4ndf: 32→16→8→4) + CSC k4 → d = 512, ndf 64
     csc_ctrl_prototype32   the authors' CIFAR prototype: 32 px, ndf 128, d = 512, decoder tied to the encoder

@@ -1,4 +1,4 @@
-"""Coding rate and rate reduction on Gram statistics (REFERENCE.md §4).
+"""Coding rate and rate reduction on Gram statistics (docs/method.md §4).
 
 References: MCR² (Yu et al., NeurIPS 2020, eq. 5-7 / 11); CTRL (Dai et al., Entropy 2022, eq. 9-13);
 CSC-CTRL (Dai et al., arXiv 2302.09347).

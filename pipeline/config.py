@@ -78,7 +78,7 @@ class ObjectiveConfig:
 @dataclass
 class AdamConfig:
     lr: float = 1.5e-4
-    """Peak learning rate (REFERENCE.md §5: 1.5e-4 for both players)."""
+    """Peak learning rate (docs/method.md §5: 1.5e-4 for both players)."""
 
     betas: tuple[float, float] = (0.5, 0.999)
     """Adam (β₁, β₂): (0.5, 0.999) for the 32 px labelled setting, (0.0, 0.9) for 48/128 px."""
@@ -108,7 +108,7 @@ class OptimConfig:
     """Adam for the decoder g (the minimising player)."""
 
     schedule: Literal["linear", "constant"] = "linear"
-    """Learning-rate schedule: linear decay to 0 at train.steps (REFERENCE.md §5), or constant."""
+    """Learning-rate schedule: linear decay to 0 at train.steps (docs/method.md §5), or constant."""
 
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many steps before the schedule."""
@@ -124,7 +124,7 @@ class TrainConfig:
     """Images per worker per step; the global batch is this × scaling.num_workers."""
 
     encoder_steps_per_decoder_step: int = 1
-    """'inner' of REFERENCE.md §5: encoder steps before each decoder step."""
+    """'inner' of docs/method.md §5: encoder steps before each decoder step."""
 
     precision: Literal["auto", "bf16", "fp32", "tf32", "fp64"] = "auto"
     """Network arithmetic: 'auto' = bf16 autocast on GPU, fp32 on CPU; 'fp64' = float64 networks and

@@ -1,5 +1,5 @@
 """What the encoder's sparse coding is doing: the measures of models/dictionary.py under one set of names,
-for the training loop (logged at its cadence) and for ``cscctrl eval`` (docs/method.md §3).
+for the training loop (logged at its cadence) and for ``cscctrl eval`` (docs/method.md §2.2).
 
     sparsity/stage{l}          fraction of non-zero entries of the code z_l             (eq. 7)
     code/stage{l}/residual     ‖h_{l−1} − A_l z_l‖ / ‖h_{l−1}‖: how much of its input stage l explains (eq. 6)

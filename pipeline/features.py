@@ -7,7 +7,7 @@
 
 A Fréchet distance depends on the network that embeds the images, so each extractor carries the metric
 name to report it under (`metric_name`): a distance on EfficientNet-Lite0 features is "fd_effnetlite0",
-never "FID" (REFERENCE.md §7). Both take images in [-1, 1], (b, c, h, w), c = 3 (or 1, replicated to RGB),
+never "FID" (docs/method.md §7). Both take images in [-1, 1], (b, c, h, w), c = 3 (or 1, replicated to RGB),
 and return float32 features (b, feature_dim) on their device. Nothing here downloads anything.
 
 EfficientNet-Lite0 input normalisation. The package's README copies torchvision's ImageNet mean/std

@@ -1,4 +1,4 @@
-"""Pictures of a CSC-CTRL model for people (REFERENCE.md §7): image grids, real-vs-reconstruction grids,
+"""Pictures of a CSC-CTRL model for people (docs/method.md §7): image grids, real-vs-reconstruction grids,
 dictionary atoms, code activation maps, sparsity histograms and training curves, as PIL images.
 
 Images are float tensors in [-1, 1], (b, c, h, w), c ∈ {1, 3}; they become 8-bit pixels by

@@ -3,7 +3,7 @@
 Images are float tensors in [-1, 1], shape (b, c, h, w), so the dynamic range L of PSNR is 2 (the same
 PSNR as [0, 1] images with L = 1). SSIM is not invariant to that offset: the reported one is the standard
 SSIM, of the images mapped to [0, 1] with L = 1 (`ssim_signed_unit`); `ssim` is the formula for any range.
-Feature sets are (n, d) arrays or tensors, one row per sample (the rows of ``z``; REFERENCE.md §4 writes
+Feature sets are (n, d) arrays or tensors, one row per sample (the rows of ``z``; docs/method.md §4 writes
 the transposed Z ∈ ℝ^{d×n}).
 
     reconstruction   mse, psnr, ssim, ssim_signed_unit        per image, or their mean over the batch

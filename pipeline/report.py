@@ -1,6 +1,6 @@
 """A self-contained evaluation report: ``report.html`` + PNGs + ``metrics.json`` in one folder.
 
-Pictures (REFERENCE.md §7): real-vs-reconstruction grid; the dictionary atoms of every encoder stage
+Pictures (docs/method.md §7): real-vs-reconstruction grid; the dictionary atoms of every encoder stage
 (stage 1 in pixel space; deeper stages by decoding one-hot codes through the decoder); per-stage code
 activation maps for a few images; per-stage histograms of atom usage (sparsity); ΔR / PSNR curves over
 training from the MLflow history when it is available. Opens offline: no scripts, images side by side.

@@ -1,4 +1,4 @@
-"""The per-worker CTRL training loop (REFERENCE.md §5).
+"""The per-worker CTRL training loop (docs/method.md §5).
 
     Z = f(X),  X̂ = g(Z),  Ẑ = f(X̂)
     encoder f (θ) maximises, decoder g (η) minimises the game value T:
@@ -55,7 +55,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Learning-rate multiplier at optimizer step ``step`` (0-based).
 
     1) warm-up: linear from 1/warmup to 1 over ``warmup`` steps;
-    2) 'linear': decays linearly to 0 at ``total`` (REFERENCE.md §5); 'constant': stays 1.
+    2) 'linear': decays linearly to 0 at ``total`` (docs/method.md §5); 'constant': stays 1.
     """
     if step < warmup:
         return (step + 1) / warmup
@@ -100,7 +100,7 @@ def undersampled_warning(global_batch: int, num_classes: int, nz: int) -> str | 
 
     With nⱼ < d the class's features span an nⱼ-dimensional subspace, and the encoder can place Ẑⱼ
     orthogonal to Zⱼ; there ΔR(Zⱼ, Ẑⱼ) is at its maximum and its gradient in Ẑⱼ vanishes, so the
-    decoder stops learning. Measured: with 160 images per class at d = 512 (REFERENCE §5's 32 px row)
+    decoder stops learning. Measured: with 160 images per class at d = 512 (docs/method.md §5's 32 px row)
     neither model reconstructed Fashion-MNIST in 2000 H200 iterations; with 205 at d = 128 (LDR's MNIST
     recipe) the plain-convolution model reached 15.7 dB; on CPU (256 images, 10 classes) d = 16
     reconstructs and d = 64 does not (benchmarks/results/fashion_mnist32/README.md)."""

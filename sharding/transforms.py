@@ -1,4 +1,4 @@
-"""Image transforms of the reader: CTRL's ImageNet preprocessing (REFERENCE.md §3), nothing else.
+"""Image transforms of the reader: CTRL's ImageNet preprocessing (docs/method.md §3), nothing else.
 
     img = decode(bytes) -> mode           C = channels: 3 -> "RGB" (grey replicated to 3 equal channels),
                                           1 -> "L" (grey stays grey; colour becomes its ITU-R 601 luminance

@@ -2,7 +2,7 @@
 
 Each file must load through ``load_config`` (defaults < preset < file), hold only keys that change
 the loaded configuration (STYLE.md 5.3: a file states what differs from the defaults), and match the
-reference settings of REFERENCE.md §3/§5 that it claims to reproduce.
+reference settings of docs/method.md §3/§5 that it claims to reproduce.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_redundancy_check_flags_a_restated_default():
 
 
 # ----------------------------------------------------------------------------------------------
-# The reference settings each file reproduces (REFERENCE.md §3, §5)
+# The reference settings each file reproduces (docs/method.md §3, §5)
 # ----------------------------------------------------------------------------------------------
 
 

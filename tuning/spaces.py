@@ -1,4 +1,4 @@
-"""Search spaces: dotted config keys mapped to distributions (REFERENCE.md §6: what a sweep varies).
+"""Search spaces: dotted config keys mapped to distributions (docs/method.md §6: what a sweep varies).
 
 A space is a mapping ``{"section.key": spec}`` whose keys are the same dotted paths the CLI overrides
 use; every sampled point is applied to the base config by ``pipeline.config.apply_overrides``, so a
@@ -48,8 +48,8 @@ RESERVED_KEYS = {
     "model.preset": "a preset is resolved once, into the base config; sweep the model.* keys it sets instead",
 }
 
-LAMBDA_LEVELS = [0.0, 0.01, 0.05, 0.1, 0.2, 0.5]  # λ per layer, REFERENCE.md §6
-UNROLL_STEPS = [1, 2, 3, 5]                       # unrolled proximal-gradient steps n, REFERENCE.md §6
+LAMBDA_LEVELS = [0.0, 0.01, 0.05, 0.1, 0.2, 0.5]  # λ per layer, docs/method.md §6
+UNROLL_STEPS = [1, 2, 3, 5]                       # unrolled proximal-gradient steps n, docs/method.md §6
 
 
 class SpaceError(ConfigError):
@@ -339,7 +339,7 @@ def overrides_from_trial(config: Mapping[str, Any], dims: Sequence[Dimension]) -
 
 
 def sparsity() -> dict[str, Any]:
-    """The global λ over the levels of REFERENCE.md §6 (stage 2 keeps its model.stage2_lam_scale)."""
+    """The global λ over the levels of docs/method.md §6 (stage 2 keeps its model.stage2_lam_scale)."""
     return {"model.lam": {"grid": list(LAMBDA_LEVELS)}}
 
 
@@ -383,7 +383,7 @@ def optimization() -> dict[str, Any]:
 
 
 def full() -> dict[str, Any]:
-    """Everything REFERENCE.md §6 lists, with λ and n as choices (meant for search: optuna)."""
+    """Everything docs/method.md §6 lists, with λ and n as choices (meant for search: optuna)."""
     space: dict[str, Any] = {"model.lam": {"choice": list(LAMBDA_LEVELS)},
                              "model.n_steps": {"choice": list(UNROLL_STEPS)},
                              "model.solver": {"choice": ["fista", "ista"]}}

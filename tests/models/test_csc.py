@@ -92,7 +92,7 @@ def test_output_padding_formula_and_errors():
 
 def numpy_unrolled(a: np.ndarray, x: np.ndarray, lam: float, mu: float, eta: float, n: int, nonneg: bool,
                    fista: bool) -> np.ndarray:
-    """REFERENCE.md §2 transcribed in float64 on the explicit matrix."""
+    """docs/method.md §2 transcribed in float64 on the explicit matrix."""
 
     def prox(u):
         v = np.sign(u) * np.maximum(np.abs(u) - lam * eta, 0.0) / (1.0 + mu * eta)

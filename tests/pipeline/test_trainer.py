@@ -49,7 +49,7 @@ def _batches(n_good: int, b: int = 8, bad_from: int | None = None):
 def test_undersampled_warning_when_a_class_has_fewer_images_than_dimensions():
     assert undersampled_warning(2048, 10, 128) is None          # LDR's MNIST recipe: 205 per class
     assert undersampled_warning(1600, 1, 512) is None            # binary: one set of 1600
-    message = undersampled_warning(1600, 10, 512)                # REFERENCE §5 32 px row: 160 per class
+    message = undersampled_warning(1600, 10, 512)                # docs/method.md §5 32 px row: 160 per class
     assert message is not None and "160 images per class" in message and "model.nz=512" in message
     assert "at most 160" in message
 
