@@ -334,8 +334,10 @@ def _main(args: argparse.Namespace) -> int:
 
 
 HISTORY_METRICS = ("train/recon_psnr", "decoder/objective", "decoder/delta_r_z_zhat", "decoder/delta_r_z",
-                   "decoder/delta_r_zhat", "decoder/delta_r_pairs", "decoder/consistency")
-"""Training curves the report draws, when the run's MLflow history has them (the ΔR names by mode)."""
+                   "decoder/delta_r_zhat", "decoder/delta_r_pairs", "train/cos_z_zhat", "code/stage1/residual",
+                   "code/stage1_psnr", "atoms/stage1/roughness", "atoms/stage1/drift")
+"""Training curves the report draws, when the run's MLflow history has them (the ΔR names by mode; the
+coding measures only for CSC models)."""
 
 
 def training_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str] | None:
