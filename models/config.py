@@ -27,7 +27,10 @@ class ModelConfig:
     remaining size maps it to 1×1."""
 
     in_channels: int = 3
-    """Image channels (3 for RGB; Fashion-MNIST is replicated to RGB by the data path)."""
+    """Image channels: 3 (RGB) or 1 (grey). The data path decodes every image to this many channels (grey
+    replicated to RGB, or colour to its luminance). Grey data such as Fashion-MNIST should use 1: with 3,
+    two thirds of each first-stage atom is colour the data never trains, which the decoder then draws as
+    colour noise (benchmarks/results/fidelity)."""
 
     ndf: int = 64
     """Atoms of the first encoder stage; each halving stage doubles it (ndf, 2ndf, 4ndf, …)."""

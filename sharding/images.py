@@ -14,7 +14,8 @@ Conversions (all to 8 bits per channel):
     16-bit grey  v ∈ [0, 65535]  ->  round(v / 257) ∈ [0, 255]    (65535 / 255 = 257 exactly)
     alpha (RGBA, LA, P + transparency)  ->  composited over white: c' = a·c + (1 − a)·255, a ∈ [0, 1]
     CMYK, YCbCr, LAB, HSV, palette      ->  RGB through PIL's converters
-Grayscale stays single-channel in the shard (a third of the bytes); the reader replicates it to RGB.
+Grayscale stays single-channel in the shard (a third of the bytes); the reader decodes it to the model's
+channels (replicated to RGB, or kept grey for model.in_channels = 1).
 EXIF orientation is not applied (as torchvision's ImageFolder does not apply it).
 
 Encoding is deterministic for a given Pillow/libjpeg/zlib build: no timestamps, fixed quality and
