@@ -10,7 +10,7 @@ for the training loop (logged at its cadence) and for ``cscctrl eval`` (docs/met
     atoms/stage{l}/drift       1 − cos(a, a_init), mean over atoms                      (eq. 9)
 
 The residual and stage-1 PSNR exist only for CSC stages (the plain-convolution baseline has no synthesis
-in its encoder); the atom measures apply to its first-stage filters as well. All values are 0-dim tensors
+in its encoder); the atom measures apply to its first-stage filters as well, logged as filters/… . All values are 0-dim tensors
 (no host sync until the caller reads them).
 """
 from __future__ import annotations
@@ -66,8 +66,15 @@ def atom_measures(encoder: nn.Module, initial: list[Tensor] | None = None) -> di
     """Roughness, flat and chroma fraction of the stage-1 atoms (pixel space); drift of every stage from
     ``initial`` (``initial_dictionaries``) when given."""
     layers = encoder.csc_layers()
-    out = {f"atoms/stage1/{k}": v for k, v in dictionary_summary(layers[0].weight).items()}
+    kind = weights_name(encoder)
+    out = {f"{kind}/stage1/{k}": v for k, v in dictionary_summary(layers[0].weight).items()}
     if initial is not None:
         for i, (layer, w0) in enumerate(zip(layers, initial)):
-            out[f"atoms/stage{i + 1}/drift"] = atom_drift(layer.weight, w0).mean()
+            out[f"{kind}/stage{i + 1}/drift"] = atom_drift(layer.weight, w0).mean()
     return out
+
+
+def weights_name(encoder: nn.Module) -> str:
+    """"atoms" for a CSC encoder, "filters" for the plain-convolution baseline, which has no dictionary:
+    the same measures of its first-stage filters are logged under that name."""
+    return "atoms" if isinstance(encoder.csc_layers()[0], CSCLayer) else "filters"

@@ -58,15 +58,16 @@ def test_code_measures_of_a_csc_encoder_match_a_direct_computation():
     assert float(code_measures(enc2.eval(), x)["code/stage1/residual"]) > float(out["code/stage1/residual"])
 
 
-def test_conv_baseline_has_atom_measures_but_no_residual():
+def test_conv_baseline_has_filter_measures_but_no_residual():
     cfg = load_config(None, GREY + ["model.layer=conv"])
     torch.manual_seed(0)
     encoder, _ = build_models(cfg.model)
     out = code_measures(encoder.eval(), next(_synthetic(4))[0])
     assert not any(k.startswith("code/") for k in out)
-    atoms = atom_measures(encoder, initial_dictionaries(cfg.model, 0))
-    assert float(atoms["atoms/stage1/drift"]) == pytest.approx(0.0, abs=1e-6)
-    assert "atoms/stage1/roughness" in atoms and "atoms/stage1/chroma_fraction" not in atoms
+    filters = atom_measures(encoder, initial_dictionaries(cfg.model, 0))
+    assert float(filters["filters/stage1/drift"]) == pytest.approx(0.0, abs=1e-6)
+    assert "filters/stage1/roughness" in filters and "filters/stage1/chroma_fraction" not in filters
+    assert not any(k.startswith("atoms/") for k in filters)  # the baseline has no atoms
 
 
 def test_trainer_logs_the_coding_measures_and_the_mean_cosine():

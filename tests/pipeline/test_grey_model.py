@@ -96,8 +96,11 @@ def test_end_of_training_evaluation_and_training_pictures_are_grey(grey_model, o
     from pipeline.evaluate import evaluate_at_end, training_images
 
     cfg, encoder, decoder, _ = grey_model
+    from pipeline.diagnostics import initial_dictionaries
+
     trainer = SimpleNamespace(raw_encoder=encoder, raw_decoder=decoder, device=torch.device("cpu"),
-                              num_classes=cfg.objective.num_classes, step=0)
+                              num_classes=cfg.objective.num_classes, step=0,
+                              initial_atoms=initial_dictionaries(cfg.model, cfg.run.seed))
     tracker = RecordingTracker()
     out = evaluate_at_end(cfg, trainer, tracker)
     assert out["eval/images"] == BATCH and 0 < out["eval/ssim"] <= 1 and tracker.metrics == out
