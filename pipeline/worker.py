@@ -219,5 +219,12 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
     eta = time.strftime("%H:%M:%S", time.gmtime(remaining)) if remaining < 86400 else f"{remaining / 3600:.0f}h"
     terms = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in m.items()
                      if k.startswith("decoder/delta_r") or k == "decoder/objective")
+    coding = "".join(f" {label}={m[key]:.2f}" for key, label in PROGRESS_CODING if key in m)
     return (f"[cscctrl] step {step}/{total} | {ips:,.0f} img/s | {terms} | psnr={m.get('train/recon_psnr', 0):.2f} dB"
-            f" | data wait {100 * m.get('perf/data_wait_fraction', 0):.0f}% | eta {eta}")
+            f"{coding} | data wait {100 * m.get('perf/data_wait_fraction', 0):.0f}% | eta {eta}")
+
+
+PROGRESS_CODING = (("train/cos_z_zhat", "cos(z,ẑ)"), ("code/stage1/residual", "residual1"),
+                   ("sparsity/stage1", "nonzero1"))
+"""Coding measures the progress line shows when logged (pipeline/diagnostics.py): how close ẑ is to z, how
+much of the image stage 1 leaves unexplained, and how sparse its code is."""

@@ -122,3 +122,13 @@ def test_atom_lr_scale_steps_each_filter_at_its_size():
     rest = [g for g in groups if "lr" not in g]
     assert rest and all(p.dim() != 4 for p in rest[0]["params"])
     assert sum(len(g["params"]) for g in groups) == len(params)
+
+
+def test_progress_line_shows_the_coding_measures_when_logged():
+    from pipeline.worker import progress_line
+
+    base = {"perf/images_per_s": 100.0, "perf/step_ms": 10.0, "decoder/objective": 1.0, "train/recon_psnr": 12.3}
+    assert "cos(z,ẑ)" not in progress_line(10, 100, base)
+    line = progress_line(10, 100, {**base, "train/cos_z_zhat": 0.913, "code/stage1/residual": 0.2,
+                                   "sparsity/stage1": 0.44})
+    assert "cos(z,ẑ)=0.91 residual1=0.20 nonzero1=0.44" in line
