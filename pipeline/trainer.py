@@ -88,7 +88,7 @@ def player_loss(terms: CTRLTerms, player: str, consistency_weight: float) -> Ten
 
     The sample-wise consistency is a constraint both players satisfy, not a term of the game: it enters
     both losses with the same sign (u-CTRL). Measured with the encoder maximising it instead, it fights
-    reconstruction (CPU, demo setting: 9.7 against 12.0 dB)."""
+    reconstruction (measured on CPU in the demo setting, issue 15: 9.7 against 12.0 dB)."""
     value = -terms.objective if player == "encoder" else terms.objective
     if consistency_weight:
         value = value + consistency_weight * terms.consistency
@@ -181,12 +181,12 @@ class CTRLTrainer:
         self.encoder_params = [p for p in self.raw_encoder.parameters() if p.requires_grad]
         self.decoder_params = [p for p in self.raw_decoder.own_parameters() if p.requires_grad]
         o = cfg.optim
-        self.encoder_opt = torch.optim.Adam(param_groups(self.encoder_params, o.encoder.lr, o.encoder.atom_lr_scale),
-                                            lr=o.encoder.lr, betas=o.encoder.betas,
-                                            weight_decay=o.encoder.weight_decay)
-        self.decoder_opt = torch.optim.Adam(param_groups(self.decoder_params, o.decoder.lr, o.decoder.atom_lr_scale),
-                                            lr=o.decoder.lr, betas=o.decoder.betas,
-                                            weight_decay=o.decoder.weight_decay)
+        self.encoder_opt = torch.optim.Adam(
+            param_groups(self.encoder_params, o.encoder.lr, o.encoder.atom_lr_scale), lr=o.encoder.lr,
+            betas=o.encoder.betas, weight_decay=o.encoder.weight_decay)
+        self.decoder_opt = torch.optim.Adam(
+            param_groups(self.decoder_params, o.decoder.lr, o.decoder.atom_lr_scale), lr=o.decoder.lr,
+            betas=o.decoder.betas, weight_decay=o.decoder.weight_decay)
         # The encoder takes `inner` optimizer steps per CTRL iteration: its schedule counts iterations.
         inner = cfg.train.encoder_steps_per_decoder_step
         steps, warmup, schedule = cfg.train.steps, o.warmup_steps, o.schedule
@@ -249,8 +249,10 @@ class CTRLTrainer:
     # ------------------------------------------------------------------------------------------
 
     def encoder_step(self, x: Tensor, labels: Tensor) -> CTRLTerms:
-        """One Adam step of f on −T. Gradient reaches f through Z = f(X) and Ẑ = f(X̂); X̂ = g(Z) is
-        detached (computed without a graph), so no gradient flows through g (as in LDR)."""
+        """One Adam step of f on −T (+ λ₂ C, + the dictionary loss of the stages it names: eq. 12 of
+        docs/method.md). Gradient reaches f through Z = f(X) and Ẑ = f(X̂); X̂ = g(Z) is detached (computed
+        without a graph), so no gradient flows through g (as in LDR). With the dictionary loss, f(X) runs
+        uncompiled (``forward_stages`` also returns every stage's code and input)."""
         objective = self.cfg.objective
         with self._autocast():
             if objective.dictionary_weight:
