@@ -2,12 +2,15 @@
 
 Each subcommand lives in the module that owns it and exposes ``add_arguments(parser)`` and
 ``main(args) -> int``; this file only wires them, importing a module only when its command runs, so that
-`cscctrl --help` stays fast.
+`cscctrl --help` stays fast. Every command ends in one line on an error (pipeline/errors.py: what failed,
+the file or key, the way out; exit 2 for bad input, 1 otherwise); ``--debug`` anywhere on the command
+line (or CSCCTRL_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Modules are imported lazily.
@@ -23,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 EPILOG = """\
 Every command also runs as `python -m pipeline COMMAND ...`; `cscctrl COMMAND --help` explains its options.
+--debug (anywhere on the command line): show the Python traceback of an error instead of its one-line summary.
 Method: X. Dai et al., "Closed-Loop Transcription via Convolutional Sparse Coding", arXiv 2302.09347.
 """
 
@@ -44,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CSCCTRL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Find the subcommand first so only its module is imported.
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -57,7 +63,30 @@ def main(argv: list[str] | None = None) -> int:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
     args = sub.parse_args(argv[argv.index(command) + 1:])
-    return int(module.main(args) or 0)
+    from pipeline.redact import RedactingStream
+
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)  # no URL credentials echoed
+    try:
+        return run_command(module, command, args, debug)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def run_command(module: object, command: str, args: argparse.Namespace, debug: bool) -> int:
+    """The command's main; an error ends in one line (pipeline/errors.py), or its traceback with --debug."""
+    if debug:
+        return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"cscctrl {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every command ends in one line, never in a traceback
+        from pipeline.errors import DEBUG_HINT, describe, exit_code
+
+        print(f"cscctrl {command}: error: {describe(e)} {DEBUG_HINT}", file=sys.stderr)
+        return exit_code(e)
 
 
 if __name__ == "__main__":

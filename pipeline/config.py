@@ -10,8 +10,9 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
-import re
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -182,6 +183,13 @@ class DataConfig:
     synthetic: bool = False
     """Random tensors instead of shards (benchmarks and smoke tests)."""
 
+    def __post_init__(self) -> None:
+        if self.loader_workers < 0:
+            raise ConfigError(f"data.loader_workers={self.loader_workers}: must be >= 0 (0 = load in the training "
+                              f"process)")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 1 sample")
+
 
 @dataclass
 class RunConfig:
@@ -193,6 +201,34 @@ class RunConfig:
 
     seed: int = 0
     """Seed; worker r uses seed + r for model and augmentation randomness."""
+
+    def __post_init__(self) -> None:
+        check_run_name(self.name)
+
+
+RUN_NAME_MAX = 200
+
+
+def check_run_name(name: str, key: str = "run.name") -> None:
+    """A run name becomes one folder under run.storage_path and an MLflow tag value: no path separators,
+    no '..', no leading dot or dash, no control characters, and not both kinds of quote (an MLflow search
+    filter quotes the value with the kind it does not hold)."""
+    if not name:
+        return
+    problem = ""
+    if "/" in name or "\\" in name:
+        problem = "holds a path separator"
+    elif name.startswith((".", "-")):
+        problem = "starts with '.' or '-'"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        problem = "holds a control character"
+    elif "'" in name and '"' in name:
+        problem = "holds both ' and \""
+    elif len(name) > RUN_NAME_MAX:
+        problem = f"is longer than {RUN_NAME_MAX} characters"
+    if problem:
+        raise ConfigError(f"{key}={name!r} {problem}: a run name is one folder under run.storage_path. Use "
+                          f"letters, digits and -_. (e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '-', name).strip('.-')[:60] or 'my-run'!r})")
 
 
 @dataclass
@@ -244,6 +280,12 @@ class ScalingConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ConfigError(f"scaling.num_workers={self.num_workers}: must be >= 0")
+        if self.cpus_per_worker < 0:
+            raise ConfigError(f"scaling.cpus_per_worker={self.cpus_per_worker}: must be >= 0")
+        if self.gpus_per_worker <= 0:
+            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker}: must be > 0 (fractions share a GPU)")
+        if self.max_failures < -1:
+            raise ConfigError(f"scaling.max_failures={self.max_failures}: must be >= 0, or -1 to retry forever")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"scaling.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
 
@@ -357,6 +399,8 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number; got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -472,9 +516,27 @@ def load_yaml_text(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)
 
 
+def read_yaml_file(p: Path, kind: str = "config") -> Any:
+    """The YAML document in ``p``; a file that cannot be read or parsed is a ConfigError naming it (and the
+    line of a syntax error)."""
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{kind} file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise ConfigError(f"{kind} file {p} cannot be read: {e.strerror or e}") from e
+    try:
+        return load_yaml_text(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{kind} file {p} is not valid YAML{where}: {problem}") from e
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = resolve_config_path(path)
-    data = load_yaml_text(p.read_text()) or {}
+    data = read_yaml_file(p) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of sections at the top level")
     return data

@@ -213,15 +213,12 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
 def load_trained(source: str, tracking_uri: str = "") -> tuple[ExperimentConfig, nn.Module, nn.Module, str]:
     """A checkpoint directory, a Ray run directory (newest checkpoint), or an MLflow run id whose
     training run name leads to its checkpoints. Returns (config, encoder, decoder, description)."""
-    from pipeline.checkpoint import find_latest, load_state
+    from pipeline.checkpoint import load_newest
 
     path = Path(source).expanduser()
     if not path.exists():
         path = _checkpoint_of_mlflow_run(source, tracking_uri)
-    latest = find_latest(path)
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint under {path} (expected checkpoint_*/state.pt or state.pt)")
-    state = load_state(latest)
+    latest, state = load_newest(path)  # the newest intact checkpoint; damaged ones are named
     if "config" not in state or "encoder" not in state:
         raise ValueError(f"{latest} is not a cscctrl checkpoint (no config / encoder in it)")
     cfg = ExperimentConfig.from_dict(state["config"])
@@ -293,6 +290,9 @@ def _main(args: argparse.Namespace) -> int:
     manifest = read_manifest(data)
     if args.split not in manifest.splits:
         raise ValueError(f"split {args.split!r} not in {data} (splits: {', '.join(manifest.splits)})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine's PyTorch ({torch.__version__}) sees no CUDA device; "
+                         f"use --device cpu (or auto)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     encoder.to(device), decoder.to(device)

@@ -80,7 +80,7 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
             from pipeline.demo import ensure_demo_shards
 
             data = dataclasses.replace(data, shards=ensure_demo_shards(storage))
-        manifest = check_shards(data.shards, data.train_split, cfg.model.image_size)
+        manifest = check_shards(data.shards, data.train_split, cfg.model.image_size, data.eval_split)
         if objective.mode == "multiclass" and not objective.num_classes:
             objective = dataclasses.replace(objective, num_classes=manifest.num_classes_in(data.train_split))
     if objective.mode == "multiclass" and objective.num_classes < 2:
@@ -91,20 +91,46 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(tracking, uri=uri))
     if not run.name:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(run, name=default_run_name(cfg)))
+    if cfg.scaling.num_workers == 0 and cfg.scaling.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"scaling.use_gpu=true with scaling.num_workers=0 trains in this process, but its "
+                              f"PyTorch ({torch.__version__}) sees no CUDA device; set scaling.use_gpu=false")
+    if cfg.scaling.num_workers == 0 or not os.environ.get("RAY_ADDRESS"):  # the workers run on this machine
+        from pipeline.sizes import check_worker_memory, host_memory_bytes
+
+        check_worker_memory(cfg, host_memory_bytes())
+    from pipeline.resume import check_resume
+
+    check_resume(cfg)
     return cfg
 
 
-def check_shards(url: str, split: str, image_size: int) -> Any:
-    """The manifest must exist and list the training split; returns it."""
+def check_shards(url: str, split: str, image_size: int, eval_split: str = "") -> Any:
+    """The manifest must exist and hold samples of the training split (and of the evaluation split, when it
+    lists one); returns it."""
     from sharding.manifest import ManifestError, read_manifest
 
     try:
         manifest = read_manifest(url)
-    except (FileNotFoundError, ManifestError) as e:
+    except ManifestError as e:
+        if "no manifest.json" not in str(e):
+            raise ConfigError(f"data.shards={url!r}: {e}") from e
+        raise FileNotFoundError(f"data.shards={url!r}: no shard manifest there ({e}). Write shards first: "
+                                f"cscctrl shard SOURCE {url}") from e
+    except FileNotFoundError as e:
         raise FileNotFoundError(f"data.shards={url!r}: no shard manifest there ({e}). Write shards first: "
                                 f"cscctrl shard SOURCE {url}") from e
     if split not in manifest.splits:
         raise ConfigError(f"data.train_split={split!r} is not in {url} (splits: {', '.join(manifest.splits)})")
+    for key, name in (("data.train_split", split), ("data.eval_split", eval_split)):
+        if name in manifest.splits and manifest.num_samples(name) == 0:
+            other = [s for s in manifest.splits if manifest.num_samples(s) > 0]
+            way_out = "set data.eval_split='' to skip the evaluation, or " if key == "data.eval_split" else ""
+            raise ConfigError(f"{key}={name!r} holds no samples in {url} (every image of it was rejected or "
+                              f"none was listed; see manifest/rejected.parquet): {way_out}choose a split with "
+                              f"samples ({', '.join(other) or 'none'}) or shard the source again")
     return manifest
 
 
@@ -138,6 +164,11 @@ def ray_resources(cfg: ExperimentConfig) -> dict[str, float]:
     s = cfg.scaling
     need_cpu = s.num_workers * s.cpus_per_worker
     need_gpu = s.num_workers * s.gpus_per_worker if s.use_gpu else 0
+    if os.environ.get("RAY_ADDRESS"):  # a cluster: no node may be too small for one worker
+        from pipeline.sizes import check_worker_memory
+
+        largest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        check_worker_memory(cfg, int(largest), "the largest node of the Ray cluster")
     if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
         raise ConfigError(
             f"scaling asks for {s.num_workers} workers × ({s.cpus_per_worker} CPU"
@@ -181,6 +212,7 @@ def run_training(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> A
 
     if cfg.scaling.num_workers > 0:
         ray_resources(cfg)
+    repair_checkpoints(cfg)
     print(f"[cscctrl] run {cfg.run.name}: {max(1, cfg.scaling.num_workers)} worker(s) × batch "
           f"{cfg.train.batch_size_per_worker}, {cfg.train.steps} steps, storage {cfg.run.storage_path}, "
           f"MLflow {cfg.tracking.uri} (experiment '{cfg.tracking.experiment}')", flush=True)
@@ -192,6 +224,17 @@ def run_training(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> A
     print(f"[cscctrl] finished {cfg.run.name}; checkpoint: {result.checkpoint.path if result.checkpoint else '-'}",
           flush=True)
     return result
+
+
+def repair_checkpoints(cfg: ExperimentConfig) -> None:
+    """Before a run (re)starts: damaged checkpoints newer than the newest intact one are moved aside and
+    Ray Train's record of the run is made to match the folders present (pipeline/checkpoint.py
+    ``repair_run``), so the run resumes from its newest intact checkpoint; what was done is printed."""
+    from pipeline.checkpoint import repair_run
+
+    repair = repair_run(f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}")
+    for line in repair.messages(cfg.run.name):
+        print(line, flush=True)
 
 
 def root_cause(e: BaseException) -> str:

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from pipeline import distributed
-from pipeline.checkpoint import (check_architecture, checkpoint_dir_name, find_latest, load_ray_checkpoint, load_state,
-                                 save_state)
-from pipeline.config import ExperimentConfig
+from pipeline.checkpoint import (CheckpointError, check_architecture, checkpoint_dir_name, load_ray_checkpoint,
+                                 newest_intact, save_state)
+from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.trainer import CTRLTrainer, checkpoint_due
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
     device = _device(cfg, local_mode)
     state = _resume_state(cfg, local_mode)
     start_step = int(state["step"]) if state else 0
+    changes = _resume_changes(cfg, state)
 
     num_classes = resolve_num_classes(cfg)
     batches = make_batches(cfg, rank=rank, world_size=world, start_step=start_step, device=device)
@@ -48,6 +49,12 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
         if state:
             print(f"[cscctrl] resuming {cfg.run.name} from step {start_step}"
                   f"{' (same MLflow run)' if tracker.resumed else ''}", flush=True)
+            if changes:
+                from pipeline.resume import record_changes
+
+                record_changes(tracker, changes, start_step)
+                print(f"[cscctrl] resumed with changed settings (recorded in MLflow): "
+                      f"{'; '.join(str(c) for c in changes)}", flush=True)
     reporter = RunReporter(cfg, tracker, local_mode=local_mode, ray_train=ray.train)
     trainer = CTRLTrainer(cfg, device=device, num_classes=num_classes, batches=batches,
                           reporter=reporter, state=state)
@@ -100,20 +107,44 @@ def _device(cfg: ExperimentConfig, local_mode: bool) -> torch.device:
 
 
 def _resume_state(cfg: ExperimentConfig, local_mode: bool) -> dict[str, Any] | None:
-    """The last checkpoint of this run name: Ray's (restored from storage_path/name), or in local mode
-    the newest one this module persisted itself. A checkpoint of another architecture (say a CSC run
-    resumed under the same run.name with model.layer=conv) is refused by its stored config."""
+    """The newest intact checkpoint of this run name: Ray's (restored from storage_path/name), or in local
+    mode the newest one this module persisted itself; a damaged one (pipeline/checkpoint.py) is passed over
+    to the next older one, naming it. A checkpoint of another architecture (say a CSC run resumed under
+    the same run.name with model.layer=conv) is refused by its stored config."""
     import ray.train
 
-    if local_mode:
-        latest = find_latest(run_dir(cfg)) if Path(run_dir(cfg)).exists() else None
-        state, source = (load_state(latest) if latest else None), str(latest)
-    else:
-        ckpt = ray.train.get_checkpoint()
-        state, source = (load_ray_checkpoint(ckpt) if ckpt else None), f"the last checkpoint of run {cfg.run.name}"
+    state, source = None, ""
+    ckpt = None if local_mode else ray.train.get_checkpoint()
+    if ckpt is not None:
+        try:
+            state, source = load_ray_checkpoint(ckpt), ckpt.path
+        except CheckpointError as e:
+            if distributed.rank() == 0:
+                print(f"[cscctrl] {e}; looking for an older intact checkpoint of run {cfg.run.name}", flush=True)
+    if state is None:  # also when Ray has no record of the run's checkpoints: they are not lost
+        path, state, damaged = newest_intact(run_dir(cfg))
+        source = path or ""
+        if distributed.rank() == 0:
+            for d in damaged:
+                print(f"[cscctrl] checkpoint {d.path} is damaged and passed over: {d.reason}", flush=True)
     if state is not None:
         check_architecture(state, cfg.model, source)
     return state
+
+
+def _resume_changes(cfg: ExperimentConfig, state: dict[str, Any] | None) -> list[Any]:
+    """The config keys that differ from the checkpoint's (pipeline/resume.py): ConfigError for a key that
+    may not change (`cscctrl train` refuses these before Ray starts; this catches every other caller)."""
+    if not state or not isinstance(state.get("config"), dict):
+        return []
+    from pipeline.resume import config_changes
+
+    changes = config_changes(state["config"], cfg.to_dict())
+    fixed = [c for c in changes if not c.mutable]
+    if fixed:
+        raise ConfigError(f"run {cfg.run.name} was trained with other settings ({'; '.join(map(str, fixed))}); "
+                          f"refusing to resume it with these. Choose another run.name.")
+    return changes
 
 
 def resolve_num_classes(cfg: ExperimentConfig) -> int:

@@ -300,6 +300,8 @@ def load_workflow(spec: str, items: list[str] | None = None) -> Workflow:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise WorkflowError(f"{path}: not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise WorkflowError(f"workflow file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(tree, dict):
         raise WorkflowError(f"{path}: a workflow file is a mapping (name, source, shards, training, ...)")
     tree = apply_items(tree, list(items or []))

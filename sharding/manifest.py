@@ -44,7 +44,11 @@ REJECT_SCHEMA = pa.schema([("split", pa.string()), ("key", pa.string()), ("sourc
 
 
 class ManifestError(ValueError):
-    """No manifest at the URL, or one this version cannot read."""
+    """No manifest at the URL, or one this version cannot read (missing or damaged tables)."""
+
+
+REPAIR_HINT = ("Run the same `cscctrl shard SOURCE DEST` command again to rewrite the manifest from the shard "
+               "records in DEST/_parts, or restore DEST from a copy")
 
 
 def samples_name(split: str) -> str:
@@ -68,11 +72,18 @@ def read_table(dest: Destination, name: str) -> pa.Table:
     Arrow may release its input on a pool thread after read_table returns; were that input a Python
     object (bytes, a file), the release would need the GIL, and a pool thread caught by interpreter
     shutdown aborts the process ("terminate called without an active exception").
+    A missing or unreadable table is a ManifestError naming it.
     """
-    data = dest.read_bytes(name)
-    buf = pa.allocate_buffer(len(data))
-    pa.FixedSizeBufferWriter(buf).write(data)
-    return pq.read_table(pa.BufferReader(buf), use_threads=False, pre_buffer=False)
+    try:
+        data = dest.read_bytes(name)
+        buf = pa.allocate_buffer(len(data))
+        pa.FixedSizeBufferWriter(buf).write(data)
+        return pq.read_table(pa.BufferReader(buf), use_threads=False, pre_buffer=False)
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{dest.url}/{name} is missing: the manifest is incomplete. {REPAIR_HINT}") from exc
+    except (pa.ArrowException, OSError) as exc:
+        raise ManifestError(f"{dest.url}/{name} is not a readable parquet table ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}). {REPAIR_HINT}") from exc
 
 
 def reason_category(reason: str) -> str:
@@ -186,15 +197,25 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     except FileNotFoundError as exc:
         raise ManifestError(f"no {SUMMARY_NAME} at {url!r}: not a shard set, or `cscctrl shard` has not "
                             "finished writing it") from exc
-    if summary.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{url}/{SUMMARY_NAME}: format {summary.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    classes = [ClassInfo(int(r["label"]), r["name"], r["description"])
-               for r in read_table(dest, "manifest/classes.parquet").to_pylist()]
-    shards = {}
-    for split in summary["split_order"]:
-        rows = read_table(dest, shards_name(split)).to_pylist()
-        shards[split] = [ShardInfo(r["name"], dest.url_of(r["name"]), int(r["samples"]), int(r["bytes"]),
-                                   r["sha256"], r["first_key"], r["last_key"]) for r in rows]
+    except IsADirectoryError as exc:
+        raise ManifestError(f"{url}/{SUMMARY_NAME} is a folder, not the manifest file") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{url}/{SUMMARY_NAME} is not valid JSON ({exc}). {REPAIR_HINT}") from exc
+    if not isinstance(summary, dict) or summary.get("format") != MANIFEST_FORMAT:
+        found = summary.get("format") if isinstance(summary, dict) else type(summary).__name__
+        raise ManifestError(f"{url}/{SUMMARY_NAME}: format {found!r}, expected {MANIFEST_FORMAT!r}")
+    try:
+        classes = [ClassInfo(int(r["label"]), r["name"], r["description"])
+                   for r in read_table(dest, "manifest/classes.parquet").to_pylist()]
+        shards = {}
+        for split in summary["split_order"]:
+            rows = read_table(dest, shards_name(split)).to_pylist()
+            shards[split] = [ShardInfo(r["name"], dest.url_of(r["name"]), int(r["samples"]), int(r["bytes"]),
+                                       r["sha256"], r["first_key"], r["last_key"]) for r in rows]
+            if "samples" not in summary["splits"][split]:
+                raise KeyError(f"splits.{split}.samples")
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"{url}/{SUMMARY_NAME} or its tables lack the field {exc}. {REPAIR_HINT}") from exc
     return Manifest(dest.url, summary, classes, shards, storage_options or {})
 
 

@@ -32,6 +32,16 @@ class DestinationError(ValueError):
     """DEST cannot be used: unknown URL scheme, missing fsspec backend, or not writable."""
 
 
+def naming(exc: OSError, path: str) -> OSError:
+    """``exc`` as an OSError that names ``path`` (a failed write of an open file names no file: a full disk
+    then reads "[Errno 28] No space left on device" without saying where)."""
+    if exc.filename is not None:
+        return exc
+    named = OSError(exc.errno, exc.strerror or str(exc), path)
+    named.__cause__ = exc
+    return named
+
+
 def split_protocol(url: str) -> str:
     """The fsspec protocol of `url` ('file' for plain paths)."""
     protocol, _ = fsspec.core.split_protocol(str(url))
@@ -177,11 +187,15 @@ class Destination:
         if self.is_local:
             tmp = self.local_tmp_path(name)
             Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(name))
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path(name))
+            except OSError as exc:
+                Path(tmp).unlink(missing_ok=True)
+                raise naming(exc, self.path(name)) from exc
         else:
             self.fs.pipe_file(self.path(name), data)
         if not keep:

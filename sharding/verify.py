@@ -117,14 +117,19 @@ def _compare_samples(found: dict[str, dict[str, bytes]], expected: list[dict]) -
 
 
 def check_shard(dest: Destination, split: str, info, expected_rows: list[dict]) -> ShardCheck:
-    """Stream one shard once: size, sha256 and per-sample content against the manifest."""
-    size = dest.size(info.name)
-    if size is None:
-        return ShardCheck(split, info.name, "missing", "no such object")
-    with dest.open(info.name) as f:
-        reader = _HashingReader(f)
-        found, unsafe, error = _read_samples(reader)
-        reader.drain()
+    """Stream one shard once: size, sha256 and per-sample content against the manifest. A shard that
+    cannot be opened or read (a folder in its place, no permission, an I/O error) is altered, with the
+    reason."""
+    try:
+        size = dest.size(info.name)
+        if size is None:
+            return ShardCheck(split, info.name, "missing", "no such object")
+        with dest.open(info.name) as f:
+            reader = _HashingReader(f)
+            found, unsafe, error = _read_samples(reader)
+            reader.drain()
+    except OSError as exc:
+        return ShardCheck(split, info.name, "altered", f"cannot be read: {type(exc).__name__}: {exc.strerror or exc}")
     if size < info.bytes:
         detail = f"{size} of {info.bytes} bytes" + (f"; tar error: {error}" if error else "")
         return ShardCheck(split, info.name, "truncated", detail)

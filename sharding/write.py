@@ -35,7 +35,7 @@ from sharding.layout import SHARD_MTIME, TAR_FORMAT, TAR_MODE, TAR_OWNER, sample
 from sharding.manifest import SUMMARY_NAME, Manifest, read_manifest, write_manifest
 from sharding.plan import ShardPlan, ShardSpec
 from sharding.sources import Source
-from sharding.storage import Destination, DestinationError
+from sharding.storage import Destination, DestinationError, naming
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ def write_shard(source: Source, spec: ShardSpec, dest: Destination, image_option
         # Record first, tar last: a tar under its final name always has its record.
         dest.write_bytes_atomic(spec.part_name, json.dumps(asdict(result)).encode())
         dest.commit_file(tmp, spec.name)
+    except OSError as exc:  # a full disk, a quota: name the file being written
+        raise naming(exc, tmp) from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
     return result

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import (CONFIG_DIR, load_yaml_text, resolve_named_file, set_dotted, ConfigError, ExperimentConfig, coerce_value, field_types, unknown_key_error,
+from pipeline.config import (CONFIG_DIR, load_yaml_text, read_yaml_file, resolve_named_file, set_dotted, ConfigError, ExperimentConfig, coerce_value, field_types, unknown_key_error,
                              parse_override)
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -167,7 +167,7 @@ def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -
     tree: dict[str, Any] = {}
     if path:
         p = resolve_sweep_path(path)
-        data = read_yaml_text(p.read_text()) or {}
+        data = read_yaml_file(p, "sweep") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: a sweep file is a mapping (name, base, space, search, ...)")
         tree = data

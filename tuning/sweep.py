@@ -230,12 +230,13 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dims: list[Dime
     Tune's FailureConfig may retry: same trial id, same run name, so it resumes from its checkpoint."""
     import ray.tune
 
-    from pipeline.launch import build_trainer
+    from pipeline.launch import build_trainer, repair_checkpoints
     from tuning.callbacks import SweepReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, dims, config, run_name=trial_run_name(sweep, trial_id), storage=storage,
                        parent_run_id=parent_run_id)
+    repair_checkpoints(cfg)
     build_trainer(cfg, callbacks=[SweepReportCallback(carry)]).fit()
 
 
