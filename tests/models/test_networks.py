@@ -75,6 +75,16 @@ def test_lam_per_stage_and_solver_settings_reach_the_layers():
                for l in layers)
 
 
+def test_n_steps_per_stage_reaches_each_layer_and_is_checked():
+    layers = build_encoder(tiny(n_steps_per_stage=(10, 2, 3, 1))).csc_layers()
+    assert [l.n_steps for l in layers] == [10, 2, 3, 1]
+    assert [l.n_steps for l in build_encoder(tiny(n_steps=4)).csc_layers()] == [4, 4, 4, 4]
+    with pytest.raises(ValueError, match="n_steps_per_stage has 2 values"):
+        tiny(n_steps_per_stage=(10, 2))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        tiny(n_steps_per_stage=(10, 0, 2, 2))
+
+
 def test_decoder_output_contract_separate():
     cfg = tiny()
     torch.manual_seed(2)
