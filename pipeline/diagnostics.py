@@ -74,6 +74,20 @@ def atom_measures(encoder: nn.Module, initial: list[Tensor] | None = None) -> di
     return out
 
 
+def coding_metric_names(model: ModelConfig) -> list[str]:
+    """The keys ``code_measures`` and ``atom_measures`` (with initial atoms) give for a model of this config,
+    so that what a sweep may rank by is known before any trial runs (tuning/spec.py)."""
+    stages = range(1, model.num_stages + 1)
+    names = [f"sparsity/stage{i}" for i in stages]
+    kind = "atoms" if model.layer == "csc" else "filters"
+    if model.layer == "csc":
+        names += [f"code/stage{i}/residual" for i in stages] + ["code/stage1_psnr"]
+    names += [f"{kind}/stage1/roughness", f"{kind}/stage1/flat_fraction"]
+    if model.in_channels == 3:
+        names.append(f"{kind}/stage1/chroma_fraction")
+    return names + [f"{kind}/stage{i}/drift" for i in stages]
+
+
 def weights_name(encoder: nn.Module) -> str:
     """"atoms" for a CSC encoder, "filters" for the plain-convolution baseline, which has no dictionary:
     the same measures of its first-stage filters are logged under that name."""

@@ -382,19 +382,27 @@ def optimization() -> dict[str, Any]:
     }
 
 
+def fidelity() -> dict[str, Any]:
+    """The terms that make reconstructions sample-faithful and stage 1 a sparse code (docs/method.md §2.2,
+    §5): the sample-wise weight λ₂, + R(Z) for the encoder, and the stage-local dictionary loss."""
+    return {"objective.consistency_weight": {"grid": [0.0, 0.003, 0.01, 0.03]},
+            "objective.rate_weight": {"grid": [0.0, 1.0]},
+            "objective.dictionary_weight": {"grid": [0.0, 1.0]}}
+
+
 def full() -> dict[str, Any]:
     """Everything docs/method.md §6 lists, with λ and n as choices (meant for search: optuna)."""
     space: dict[str, Any] = {"model.lam": {"choice": list(LAMBDA_LEVELS)},
                              "model.n_steps": {"choice": list(UNROLL_STEPS)},
                              "model.solver": {"choice": ["fista", "ista"]}}
-    for preset in (dictionaries, architecture, optimization):
+    for preset in (dictionaries, architecture, optimization, fidelity):
         space.update({k: {"choice": v["grid"]} if "grid" in v else v for k, v in preset().items()})
     return space
 
 
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     f.__name__: f for f in (sparsity, sparsity_per_stage, unroll, sparsity_unroll, dictionaries, architecture,
-                            optimization, full)
+                            optimization, fidelity, full)
 }
 
 

@@ -239,17 +239,21 @@ def term_names(mode: str) -> list[str]:
 
 def training_metrics(cfg: ExperimentConfig) -> set[str]:
     """Keys of every periodic report of a training run (pipeline/trainer.py ``log_metrics``)."""
+    from pipeline.diagnostics import coding_metric_names
+
     names = {f"{player}/{t}" for player in ("encoder", "decoder") for t in term_names(cfg.objective.mode)}
-    names |= {f"sparsity/stage{i + 1}" for i in range(cfg.model.num_stages)}
-    names |= {"train/recon_mse", "train/recon_psnr", "train/step", "perf/images_per_s", "perf/step_ms",
-              "perf/data_wait_fraction", "optim/encoder_lr", "optim/decoder_lr"}
+    names |= set(coding_metric_names(cfg.model))
+    names |= {"train/recon_mse", "train/recon_psnr", "train/cos_z_zhat", "train/step", "perf/images_per_s",
+              "perf/step_ms", "perf/data_wait_fraction", "optim/encoder_lr", "optim/decoder_lr"}
     return names
 
 
 def evaluation_metrics(cfg: ExperimentConfig) -> set[str]:
     """Keys the end-of-training evaluation adds to the last report (pipeline/evaluate.py)."""
-    names = {"eval/mse", "eval/psnr", "eval/ssim", "eval/images"}
-    names |= {f"eval/sparsity/stage{i + 1}" for i in range(cfg.model.num_stages)}
+    from pipeline.diagnostics import coding_metric_names
+
+    names = {"eval/mse", "eval/psnr", "eval/ssim", "eval/cos_z_zhat", "eval/images"}
+    names |= {f"eval/{k}" for k in coding_metric_names(cfg.model)}
     names |= {f"eval/objective/{t}" for t in term_names(cfg.objective.mode)}
     return names
 

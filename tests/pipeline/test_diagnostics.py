@@ -132,3 +132,17 @@ def test_progress_line_shows_the_coding_measures_when_logged():
     line = progress_line(10, 100, {**base, "train/cos_z_zhat": 0.913, "code/stage1/residual": 0.2,
                                    "sparsity/stage1": 0.44})
     assert "cos(z,ẑ)=0.91 residual1=0.20 nonzero1=0.44" in line
+
+
+@pytest.mark.parametrize("overrides", [["model.in_channels=1"], ["model.layer=conv"], ["model.image_size=48"]],
+                         ids=["csc-grey", "conv-rgb", "csc-48px"])
+def test_coding_metric_names_are_what_the_measures_give(overrides):
+    from pipeline.diagnostics import coding_metric_names
+
+    cfg = load_config(None, TINY + overrides)
+    torch.manual_seed(0)
+    encoder, _ = build_models(cfg.model)
+    s, c = cfg.model.image_size, cfg.model.in_channels
+    got = set(code_measures(encoder.eval(), torch.rand(2, c, s, s) * 2 - 1))
+    got |= set(atom_measures(encoder, initial_dictionaries(cfg.model, 0)))
+    assert got == set(coding_metric_names(cfg.model))

@@ -59,7 +59,8 @@ def test_presets_cover_what_reference_section_6_sweeps():
     for key in ("model.lam", "model.lam_per_stage", "model.n_steps", "model.solver", "model.nonneg",
                 "model.decoder_dictionaries", "model.ndf", "model.nz", "objective.eps_sq", "optim.encoder.lr",
                 "optim.decoder.lr", "optim.encoder.betas", "optim.decoder.betas",
-                "train.encoder_steps_per_decoder_step", "train.batch_size_per_worker"):
+                "train.encoder_steps_per_decoder_step", "train.batch_size_per_worker",
+                "objective.consistency_weight", "objective.rate_weight", "objective.dictionary_weight"):
         assert key in keys, key
     assert PRESETS["sparsity"]()["model.lam"]["grid"] == [0.0, 0.01, 0.05, 0.1, 0.2, 0.5]
     assert PRESETS["unroll"]()["model.n_steps"]["grid"] == [1, 2, 3, 5]

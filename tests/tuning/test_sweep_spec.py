@@ -148,7 +148,8 @@ def test_accepted_metric_names_are_those_a_real_trainer_and_evaluation_report(mo
     trainer.fit()
     assert set(reporter.reports[0]) == training_metrics(cfg)
     result = evaluate_model(trainer.raw_encoder, trainer.raw_decoder, [(x, labels)], device=torch.device("cpu"),
-                            mode=mode, num_classes=2, eps_sq=cfg.objective.eps_sq)
+                            mode=mode, num_classes=2, eps_sq=cfg.objective.eps_sq,
+                            initial_atoms=trainer.initial_atoms)  # as the end-of-training evaluation does
     assert {f"eval/{k}" for k in result.metrics} == evaluation_metrics(cfg)
 
 
