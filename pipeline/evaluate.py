@@ -195,6 +195,7 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
                             initial_atoms=trainer.initial_atoms)
     trainer.raw_encoder.train(), trainer.raw_decoder.train()
     out = {f"eval/{k}": v for k, v in result.metrics.items()}
+    out["eval/lost_samples"] = float(loader.stats.lost_samples)
     tracker.log_metrics(trainer.step, out)
     if result.example is not None:
         from pipeline.images import recon_grid
@@ -271,6 +272,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fd", action="store_true", help="skip FD-EffNetLite0 / KID (slow on CPU)")
     p.add_argument("--out", default="", help="directory for the report (default: <run dir>/eval-<split>)")
     p.add_argument("--tracking-uri", default="", help="MLflow store to log to (default: the run's)")
+    p.add_argument("--allow-lost-samples", action="store_true",
+                   help="exit 0 when the exact pass could not read every sample the manifest lists (damaged "
+                        "shards); the report and a warning still say how many were lost (default: exit 1)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -311,9 +315,12 @@ def _main(args: argparse.Namespace) -> int:
                   max_batches=args.max_batches)
     labelled = manifest.num_classes > 1
     initial = [w.to(device) for w in initial_dictionaries(cfg.model, cfg.run.seed)]
-    test = evaluate_model(encoder, decoder, loader(args.split), keep_features=labelled, fd_features=fd,
+    test_loader = loader(args.split)
+    test = evaluate_model(encoder, decoder, test_loader, keep_features=labelled, fd_features=fd,
                           initial_atoms=initial, **common)
     metrics = dict(test.metrics)
+    metrics["lost_samples"] = float(test_loader.stats.lost_samples)  # sharding/stream.py: sample accounting
+    samples = test_loader.account(int(test.metrics["images"])) if not args.max_batches else None
     if labelled and args.reference_split in manifest.splits and args.reference_split != args.split:
         ref = evaluate_model(encoder, decoder, loader(args.reference_split), keep_features=True, **common)
         metrics.update(feature_accuracy(ref, test, manifest.num_classes))
@@ -321,6 +328,9 @@ def _main(args: argparse.Namespace) -> int:
     report = {"model": desc, "layer": cfg.model.layer, "trained_on": trained_on,
               "evaluated_on": f"{data} [{args.split}]",
               "generalisation": data != trained_on, "metrics": metrics}
+    if samples is not None:  # an exact pass: every sample the manifest lists was read or is counted as lost
+        metrics["lost_samples"] = float(samples["lost"])
+        report["samples"] = samples
     out = Path(args.out) if args.out else Path(cfg.run.storage_path) / cfg.run.name / f"eval-{args.split}"
     from pipeline.report import write_report
 
@@ -330,6 +340,13 @@ def _main(args: argparse.Namespace) -> int:
         _log_eval_to_mlflow(*run, args, report, out)
     print(json.dumps(report, indent=2))
     print(f"[cscctrl] report: {path}")
+    if samples is not None and samples["lost"]:
+        from sharding.stream import describe_losses
+
+        allowed = getattr(args, "allow_lost_samples", False)
+        print(f"cscctrl eval: {'WARNING' if allowed else 'error'}: {describe_losses(samples, f'{data} [{args.split}]')}"
+              f"{'' if allowed else ' (--allow-lost-samples accepts the incomplete evaluation)'}", file=sys.stderr)
+        return 0 if allowed else 1
     return 0
 
 

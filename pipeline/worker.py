@@ -55,7 +55,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
                 record_changes(tracker, changes, start_step)
                 print(f"[cscctrl] resumed with changed settings (recorded in MLflow): "
                       f"{'; '.join(str(c) for c in changes)}", flush=True)
-    reporter = RunReporter(cfg, tracker, local_mode=local_mode, ray_train=ray.train)
+    reporter = RunReporter(cfg, tracker, local_mode=local_mode, ray_train=ray.train, device=device,
+                           reader_stats=batches.stats)
     trainer = CTRLTrainer(cfg, device=device, num_classes=num_classes, batches=batches,
                           reporter=reporter, state=state)
     try:
@@ -171,10 +172,23 @@ def synthetic_batches(cfg: ExperimentConfig, device: torch.device, num_classes: 
         yield x, labels
 
 
+class Batches:
+    """The training batches, forever, and the shard reader's counters (None for synthetic data)."""
+
+    def __init__(self, batches: Iterator[tuple[Tensor, Tensor]], stats: Any = None) -> None:
+        self.batches, self.stats = batches, stats
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        return next(self.batches)
+
+
 def make_batches(cfg: ExperimentConfig, *, rank: int, world_size: int, start_step: int,
-                 device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+                 device: torch.device) -> Batches:
     if cfg.data.synthetic:
-        return synthetic_batches(cfg, device)
+        return Batches(synthetic_batches(cfg, device))
     from sharding.stream import make_train_loader
 
     loader = make_train_loader(
@@ -186,7 +200,7 @@ def make_batches(cfg: ExperimentConfig, *, rank: int, world_size: int, start_ste
     # The data position: the resampled stream's epoch is the step it starts at, so a resumed run draws
     # a fresh, deterministic order (seeded by (seed, rank, step)) instead of replaying the first batches.
     loader.set_epoch(start_step)
-    return _forever(loader)
+    return Batches(_forever(loader), loader.stats)
 
 
 def _forever(loader: Any) -> Iterator[tuple[Tensor, Tensor]]:
@@ -197,15 +211,31 @@ def _forever(loader: Any) -> Iterator[tuple[Tensor, Tensor]]:
 class RunReporter:
     """Sends the loop's measurements to the terminal, MLflow (rank 0) and Ray (every rank)."""
 
-    def __init__(self, cfg: ExperimentConfig, tracker: Any, *, local_mode: bool, ray_train: Any) -> None:
+    def __init__(self, cfg: ExperimentConfig, tracker: Any, *, local_mode: bool, ray_train: Any,
+                 device: torch.device | None = None, reader_stats: Any = None) -> None:
         self.cfg = cfg
         self.tracker = tracker
         self.local_mode = local_mode
         self.ray_train = ray_train
+        self.device = device or torch.device("cpu")
+        self.reader_stats = reader_stats
         self.t_start = time.perf_counter()
         self.first_psnr: float | None = None
 
+    def data_counts(self) -> dict[str, float]:
+        """The shard reader's losses summed over ranks (a collective: every rank calls it at the same steps):
+        data/lost_samples (sample reads the manifest promised that were not delivered: damaged tar
+        stretches, unreadable shards, undecodable images) and data/corrupt_shard_reads."""
+        if self.reader_stats is None:
+            return {}
+        counts = torch.tensor([self.reader_stats.lost_samples, self.reader_stats.corrupt_shards],
+                              dtype=torch.float64 if self.device.type == "cpu" else torch.float32, device=self.device)
+        distributed.all_reduce_sum_(counts)
+        lost, shards = counts.tolist()
+        return {"data/lost_samples": lost, "data/corrupt_shard_reads": shards}
+
     def metrics(self, step: int, metrics: dict[str, float]) -> None:
+        metrics.update(self.data_counts())
         if self.tracker:
             self.tracker.log_metrics(step, metrics)
             print(progress_line(step, self.cfg.train.steps, metrics), flush=True)
@@ -251,8 +281,10 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
     terms = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in m.items()
                      if k.startswith("decoder/delta_r") or k == "decoder/objective")
     coding = "".join(f" {label}={m[key]:.2f}" for key, label in PROGRESS_CODING if key in m)
+    lost = m.get("data/lost_samples", 0.0)
+    losses = f" | LOST {lost:,.0f} samples to damaged shards (cscctrl verify)" if lost else ""
     return (f"[cscctrl] step {step}/{total} | {ips:,.0f} img/s | {terms} | psnr={m.get('train/recon_psnr', 0):.2f} dB"
-            f"{coding} | data wait {100 * m.get('perf/data_wait_fraction', 0):.0f}% | eta {eta}")
+            f"{coding} | data wait {100 * m.get('perf/data_wait_fraction', 0):.0f}%{losses} | eta {eta}")
 
 
 PROGRESS_CODING = (("train/cos_z_zhat", "cos(z,ẑ)"), ("code/stage1/residual", "residual1"),

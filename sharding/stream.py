@@ -12,8 +12,9 @@ The pipeline, one stage per line, with what the stream holds after it::
     eval:  RankShards(urls, rank, world_size)            # shard URLs: shard i -> rank i mod W, then
                                                          #   loader worker (i // W) mod num_workers
     TarMembers                                           # tar members, shards opened through fsspec (s3://,
-                                                         #   gs://, ...); unsafe names refused; corrupt
-                                                         #   shards skipped with a warning and counted
+                                                         #   gs://, ...); unsafe names refused; damaged
+                                                         #   stretches skipped; every sample the manifest
+                                                         #   lists is yielded or counted as lost
     GroupSamples (wds group_by_keys)                     # samples {__key__, jpg|png, cls, json}
     SeededShuffle (train)                                # samples, shuffled in a buffer per worker
     DecodeTransform                                      # (x (C,H,W), label, key); only image and cls
@@ -47,8 +48,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sharding.layout import IMAGE_KEYS, is_unsafe_member
-from sharding.manifest import Manifest, read_manifest
+from sharding.layout import IMAGE_KEYS, is_unsafe_member, split_member_name
+from sharding.manifest import Manifest, ShardInfo, read_manifest
 from sharding.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ SAMPLE_SHUFFLE_SIZE = 2000  # samples in each loader worker's shuffle buffer
 SAMPLE_SHUFFLE_INITIAL = 500  # samples buffered before the first one is yielded
 MAX_CONSECUTIVE_BAD_SHARDS = 50  # resampled mode gives up when this many shard reads in a row fail
 READ_BLOCK_SIZE = 1 << 20  # fsspec read-ahead block for remote shards (bytes)
+REASON_BYTES = 240  # bytes kept of each shard's first loss reason
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,22 +103,66 @@ SEED_SHARDS, SEED_SHUFFLE, SEED_AUGMENT = 1, 2, 3  # purposes: independent strea
 # Shared counters (visible in the main process, incremented in loader workers)
 # ----------------------------------------------------------------------------------------------
 class ReaderStats:
-    """Counters shared with the loader worker processes (multiprocessing.Value)."""
+    """Counters shared with the loader worker processes (multiprocessing.Value / Array).
 
-    def __init__(self) -> None:
+    Sample accounting: every sample the manifest promises for a shard read is either yielded or counted as
+    lost, per shard and with the first reason seen there (``losses()``):
+
+        promised (manifest count of the shard) = yielded + missing + corrupt
+
+    missing: the shard read did not find the sample (a damaged stretch of the tar, a truncated or unreadable
+    shard, refused member names); corrupt: found, but its image or label does not decode. The training
+    stream resamples shards, so there the counts are of lost sample *reads* (a damaged shard drawn twice
+    counts twice).
+    """
+
+    def __init__(self, shards: list[ShardInfo] | None = None) -> None:
         self._corrupt_shards = multiprocessing.Value("q", 0)
         self._corrupt_samples = multiprocessing.Value("q", 0)
+        self._missing_samples = multiprocessing.Value("q", 0)
         self._unsafe_members = multiprocessing.Value("q", 0)
+        self.shards = list(shards or [])
+        self._index = {s.url: i for i, s in enumerate(self.shards)}
+        self._lost = multiprocessing.Array("q", max(1, len(self.shards)))
+        self._reasons = multiprocessing.Array("c", max(1, len(self.shards)) * REASON_BYTES)
 
-    def bump(self, name: str) -> None:
-        """Add one to the counter `name` (corrupt_shards, corrupt_samples, unsafe_members)."""
+    def bump(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter `name` (corrupt_shards, corrupt_samples, missing_samples, unsafe_members)."""
         counter = getattr(self, f"_{name}")
         with counter.get_lock():
-            counter.value += 1
+            counter.value += n
+
+    def expected(self, url: str) -> int | None:
+        """Samples the manifest lists for the shard at ``url`` (None: a shard it does not list)."""
+        i = self._index.get(url)
+        return None if i is None else self.shards[i].samples
+
+    def expected_bytes(self, url: str) -> int | None:
+        i = self._index.get(url)
+        return None if i is None else self.shards[i].bytes
+
+    def lose(self, url: str | None, n: int, reason: str, kind: str) -> None:
+        """Count ``n`` samples of the shard at ``url`` as lost (kind 'missing' or 'corrupt'), keeping the
+        shard's first reason (and the first 'missing' one)."""
+        if n <= 0:
+            return
+        self.bump(f"{kind}_samples", n)
+        i = self._index.get(url) if url else None
+        if i is None:
+            return
+        with self._lost.get_lock():
+            self._lost[i] += n
+            start = i * REASON_BYTES
+            kept = bytes(self._reasons[start:start + REASON_BYTES]).split(b"\0", 1)[0]
+            if not kept or (kind == "missing" and b"not found" not in kept):  # a shard's missing samples are
+                text = (kept + b"; " if kept else b"") + reason.encode("utf-8", "replace")  # always said
+                text = text[:REASON_BYTES - 1]
+                self._reasons[start:start + len(text)] = text
 
     @property
     def corrupt_shards(self) -> int:
-        """Shard reads that failed (unreadable or truncated tar); the rest of that shard is skipped."""
+        """Shard reads that failed or did not find every sample the manifest lists (unreadable, truncated or
+        damaged tar)."""
         return int(self._corrupt_shards.value)
 
     @property
@@ -125,12 +171,33 @@ class ReaderStats:
         return int(self._corrupt_samples.value)
 
     @property
+    def missing_samples(self) -> int:
+        """Samples the manifest lists that a shard read did not find (damaged, truncated or unreadable tar)."""
+        return int(self._missing_samples.value)
+
+    @property
+    def lost_samples(self) -> int:
+        """missing_samples + corrupt_samples: promised by the manifest, not yielded."""
+        return self.missing_samples + self.corrupt_samples
+
+    @property
     def unsafe_members(self) -> int:
         """Tar members refused for absolute or '..' paths."""
         return int(self._unsafe_members.value)
 
+    def losses(self) -> list[dict]:
+        """[{"shard", "lost", "reason"}] for every shard that lost samples, in manifest order."""
+        out = []
+        for i, info in enumerate(self.shards):
+            n = int(self._lost[i])
+            if n:
+                raw = bytes(self._reasons[i * REASON_BYTES:(i + 1) * REASON_BYTES]).split(b"\0", 1)[0]
+                out.append({"shard": info.name, "lost": n, "reason": raw.decode("utf-8", "replace")})
+        return out
+
     def as_dict(self) -> dict[str, int]:
         return {"corrupt_shards": self.corrupt_shards, "corrupt_samples": self.corrupt_samples,
+                "missing_samples": self.missing_samples, "lost_samples": self.lost_samples,
                 "unsafe_members": self.unsafe_members}
 
 
@@ -188,9 +255,13 @@ class ResampledRankShards(IterableDataset):
 class TarMembers:
     """{url} -> tar members {fname, data, __url__}, then {} as an end-of-shard marker.
 
-    Shards are opened through fsspec (local paths, s3://, gs://, memory://, ...). A shard that cannot
-    be opened or read to its end is skipped with a warning and counted once in stats.corrupt_shards;
-    members read before the failure are kept (each of them is complete).
+    Shards are opened through fsspec (local paths, s3://, gs://, memory://, ...). A damaged stretch inside
+    a tar (invalid member headers) is skipped: reading resumes at the next valid header, as ``tar
+    --ignore-zeros`` does, where Python's tar stream would take the first bad header for the end of the
+    archive and drop the rest of the shard unseen. Members read before a failure are kept (each of them
+    is complete). At the end of each shard, the samples the manifest lists for it but the read did not
+    find are counted as lost (stats.lose), with the reason; a read that failed or lost samples is warned
+    about once and counted in stats.corrupt_shards.
     """
 
     stats: ReaderStats
@@ -200,29 +271,67 @@ class TarMembers:
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         consecutive_bad = 0
         for source in src:
-            url, ok = source["url"], True
+            url = source["url"]
+            keys: set[str] = set()
+            problems: list[str] = []
+            skipped = refused = 0
             try:
                 fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
                 with fs.open(path, "rb", block_size=READ_BLOCK_SIZE) as stream, \
-                        tarfile.open(fileobj=stream, mode="r|") as tar:
+                        tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True) as tar:
+                    end = 0  # where the next header should start
                     for info in tar:
+                        skipped += max(0, info.offset - end)
+                        end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                         if is_unsafe_member(info.name):
                             self.stats.bump("unsafe_members")
+                            refused += 1
                             log.warning("refusing tar member %r (absolute or '..' path) in %s", info.name, url)
                             continue
                         if not info.isreg():
                             continue
+                        keys.add(split_member_name(info.name)[0])
                         yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
             except Exception as exn:  # missing/unreadable object, truncated or corrupt tar
-                self.stats.bump("corrupt_shards")
-                log.warning("skipping corrupt shard %s: %s: %s (corrupt shard reads so far: %d)",
-                            url, type(exn).__name__, exn, self.stats.corrupt_shards)
-                ok = False
+                problems.append(f"{type(exn).__name__}: {exn}")
             yield {}  # end of shard: group_by_keys never joins members of two shards
-            consecutive_bad = 0 if ok else consecutive_bad + 1
+            failed = bool(problems) or (not keys and bool(self.stats.expected(url)))
+            self._account(url, keys, problems, skipped, refused, failed)
+            consecutive_bad = consecutive_bad + 1 if failed else 0
             if self.resampled and consecutive_bad >= MAX_CONSECUTIVE_BAD_SHARDS:
                 raise RuntimeError(f"{consecutive_bad} shard reads in a row failed; the shard set looks "
                                    "unreadable (run `cscctrl verify DEST`)")
+
+    def _account(self, url: str, keys: set[str], problems: list[str], skipped: int, refused: int,
+                 failed: bool) -> None:
+        """Count the samples the manifest lists for the shard that this read did not find, with the reason;
+        a read that failed or lost samples is one corrupt shard read, warned about once."""
+        expected = self.stats.expected(url) or 0
+        missing = expected - len(keys)
+        if missing <= 0 and not failed:
+            return
+        if expected and not keys and not problems:
+            problems.append("no readable tar member")
+        if skipped:
+            problems.append(f"{skipped} bytes of damaged tar headers skipped")
+        if refused:
+            problems.append(f"{refused} member(s) with unsafe names refused")
+        size, want = self._size(url), self.stats.expected_bytes(url)
+        if size is not None and want and size != want:
+            problems.append(f"{size} bytes, the manifest says {want} ({'truncated' if size < want else 'replaced'})")
+        reason = "; ".join(problems) or "fewer samples in the tar than its manifest lists"
+        self.stats.lose(url, missing, f"{missing} sample(s) not found in the shard: {reason}", "missing")
+        self.stats.bump("corrupt_shards")
+        log.warning("skipping corrupt shard %s: %s (%d of the %d samples its manifest lists not found; corrupt "
+                    "shard reads so far: %d; run `cscctrl verify` on the shard set)", url, reason, max(0, missing),
+                    expected, self.stats.corrupt_shards)
+
+    def _size(self, url: str) -> int | None:
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
+            return int(fs.size(path))
+        except Exception:  # the shard is gone or unreachable: its read error already says so
+            return None
 
 
 @dataclass
@@ -236,7 +345,7 @@ class GroupSamples:
         return wds.tariterators.group_by_keys(src, handler=self._handler)
 
     def _handler(self, exn: Exception) -> bool:
-        self.stats.bump("corrupt_samples")
+        self.stats.lose(None, 1, f"{type(exn).__name__}: {exn}", "corrupt")
         log.warning("skipping malformed sample: %s: %s", type(exn).__name__, exn)
         return True
 
@@ -274,13 +383,17 @@ class DecodeTransform(wds.PipelineStage):
         for sample in src:
             key = sample.get("__key__", "?")
             try:
-                data = next(sample[k] for k in IMAGE_KEYS if k in sample)
+                data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+                if data is None:
+                    raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)})")
+                if "cls" not in sample:
+                    raise ValueError("no label member (cls)")
                 label = int(sample["cls"].decode("ascii"))
                 x = self.transform(data, generator)
             except Exception as exn:  # missing member, undecodable image or label
-                self.stats.bump("corrupt_samples")
-                log.warning("skipping sample %s from %s: %s: %s", key, sample.get("__url__"),
-                            type(exn).__name__, exn)
+                url = sample.get("__url__")
+                self.stats.lose(url, 1, f"sample {key}: {type(exn).__name__}: {exn}", "corrupt")
+                log.warning("skipping sample %s from %s: %s: %s", key, url, type(exn).__name__, exn)
                 continue
             yield x, label, key
 
@@ -323,10 +436,26 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.num_batches
 
+    def account(self, read: int) -> dict:
+        """The sample accounting of a finished exact pass (make_eval_loader) that yielded ``read`` samples:
+        promised (what the manifest lists for this rank's shards), read, lost = promised − read, and the
+        shards that lost samples with their reasons (ReaderStats.losses)."""
+        return {"promised": self.num_samples, "read": int(read), "lost": max(0, self.num_samples - int(read)),
+                "shards": self.stats.losses()}
+
     def __iter__(self) -> Iterator[tuple]:
         self._epoch.value = self._next_epoch
         self._next_epoch += 1
         return iter(self.loader)
+
+
+def describe_losses(account: dict, what: str) -> str:
+    """One line for an exact pass that lost samples (ShardLoader.account): how many, where, why."""
+    shards = account["shards"]
+    listed = "; ".join(f"{s['shard']}: {s['lost']} ({s['reason']})" for s in shards[:3])
+    more = f"; and {len(shards) - 3} more shard(s)" if len(shards) > 3 else ""
+    return (f"{account['lost']} of the {account['promised']} samples of {what} were not evaluated (damaged or "
+            f"unreadable shards: {listed}{more}). Run `cscctrl verify` on the shard set and shard it again")
 
 
 def _manifest(shards: str | Manifest, storage_options: dict | None) -> Manifest:
@@ -364,12 +493,13 @@ def make_train_loader(shards: str | Manifest, split: str = "train", *, image_siz
         raise ValueError(f"shuffle_buffer must be >= 1 sample, got {shuffle_buffer}")
     rank, world_size = resolve_rank(rank, world_size)
     manifest = _manifest(shards, storage_options)
-    urls = [s.url for s in manifest.shard_infos(split) if s.samples > 0]
+    infos = [s for s in manifest.shard_infos(split) if s.samples > 0]
+    urls = [s.url for s in infos]
     if not urls:
         raise ValueError(f"split {split!r} at {manifest.url} holds no samples")
     if len(urls) < world_size:
         log.warning("%d %s shards for %d ranks: every rank resamples from all shards", len(urls), split, world_size)
-    stats, epoch = ReaderStats(), SharedEpoch(0)
+    stats, epoch = ReaderStats(infos), SharedEpoch(0)
     pipeline = wds.DataPipeline(
         ResampledRankShards(urls, rank, world_size, seed, epoch),
         TarMembers(stats, storage_options or manifest.storage_options, resampled=True),
@@ -426,7 +556,7 @@ def make_eval_loader(shards: str | Manifest, split: str = "val", *, image_size: 
     if len(urls) < world_size * max(1, num_workers):
         log.info("%d %s shards for %d ranks x %d workers: some workers stay idle",
                  len(urls), split, world_size, max(1, num_workers))
-    stats, epoch = ReaderStats(), SharedEpoch(0)
+    stats, epoch = ReaderStats(infos), SharedEpoch(0)
     pipeline = wds.DataPipeline(
         RankShards(urls, rank, world_size),
         TarMembers(stats, storage_options or manifest.storage_options, resampled=False),
