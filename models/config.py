@@ -84,11 +84,8 @@ class ModelConfig:
     nonneg_features: bool = False
     """Non-negativity of the final 1×1 stage's code, i.e. of z before normalisation (applies only when
     nonneg is true). False (default) lets the features use the whole sphere, as CTRL's linear last layer
-    does; True keeps every CSC stage alike. Measured with True (and λ on the last stage): CTRL training
-    silences the last stage's units one by one (a unit below threshold for every input gets no gradient
-    back), ending with z = 0 for most images: 0.01 % active and k-NN 0.14 on Fashion-MNIST after 2000
-    H200 iterations (benchmarks/results/fashion_mnist32); on CPU, 300 iterations: k-NN 0.24 and 57 %
-    of z = 0, against 0.70 and none with False and final_lam_scale 0."""
+    does; True keeps every CSC stage alike, and measured, CTRL training then silences the last stage's
+    units one by one until most images map to z = 0 (benchmarks/results/fashion_mnist32)."""
 
     final_lam_scale: float = 0.0
     """Multiplier of λ on the final 1×1 stage (the features). 0 (default): that stage is a CSC layer
@@ -110,14 +107,9 @@ class ModelConfig:
 
     decoder_bn_gamma: float = 1.0
     """Initial γ of every decoder BatchNorm (β = 0), set after ``init``. The decoder's atoms have unit norm,
-    so the amplitude of x̂ before the final Tanh is set by the last BatchNorm's γ: with γ = 1 the Tanh
-    starts saturated (x̂ ≈ ±1 noise: PSNR 5-6 dB on Fashion-MNIST and the demo photos, below predicting
-    grey), and Adam moves γ by about one learning rate per step, thousands of steps to come down. With
-    0.1 the first reconstructions are near grey (10.7 dB on the demo photos). Through the ReLUs and the
-    next BatchNorm, only the last stage's γ changes what the decoder computes. The decoder's learning rate
-    matters more: on CPU the CSC decoder reconstructed with optim.decoder.lr 1e-3 (γ 0.5 and 1) and hardly
-    with 1.5e-4 (γ 0.1, 0.3, 0.5); on H200 (Fashion-MNIST, 4500 iterations) γ 0.5 with decoder lr 1e-3
-    gave 15.5 dB, γ 0.1 with 1.5e-4 collapsed at 8.5 dB (benchmarks/results/fashion_mnist32/README.md)."""
+    so the amplitude of x̂ before the final Tanh is set by the last BatchNorm's γ: at 1 the Tanh starts
+    saturated (x̂ ≈ ±1 noise, below predicting grey), at 0.1-0.5 near grey. The measurements, and why the
+    decoder's learning rate matters more: benchmarks/results/fashion_mnist32/README.md."""
 
     power_iters: int = 50
     """Power-iteration steps for L = ‖A‖₂² on a cold start (a new spatial size), stopping at relative
