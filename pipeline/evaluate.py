@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import build_models
@@ -34,6 +35,13 @@ from pipeline.diagnostics import atom_measures, initial_dictionaries, stage_meas
 log = logging.getLogger(__name__)
 
 GRID_IMAGES = 32  # images in a real-vs-reconstruction grid
+ITEM_MATCH_IMAGES = 1000  # images among which a reconstruction must find its own input (metrics.item_match)
+ITEM_MATCH_SIDE = 32  # pixels: larger images are average-pooled to this side for item_match
+
+
+def _small(x: Tensor) -> Tensor:
+    """x at most ITEM_MATCH_SIDE pixels a side (adaptive average pooling), for item_match's distances."""
+    return F.adaptive_avg_pool2d(x, ITEM_MATCH_SIDE) if max(x.shape[-2:]) > ITEM_MATCH_SIDE else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,11 +105,15 @@ def evaluate_model(encoder: nn.Module, decoder: nn.Module, batches: Iterable[tup
     """One exact pass (or ``max_batches`` batches) in eval mode. The ΔR terms are those of the whole
     evaluated set: per-batch Gram statistics are summed, then the logdets are taken once. The coding
     measures of pipeline/diagnostics.py (residual and stage-1 PSNR per image batch, weighted by its size;
-    the atoms' roughness and, with ``initial_atoms``, drift) and the mean cos(z, ẑ) come with them."""
+    the atoms' roughness and, with ``initial_atoms``, drift), the mean cos(z, ẑ), and ``item_match``: the
+share of the first ITEM_MATCH_IMAGES reconstructions nearest to their own input (the same item, not
+another of its class)."""
     encoder.eval(), decoder.eval()
     k = num_classes if mode == "multiclass" else 1
     sums: dict[str, float] = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "cos_z_zhat": 0.0}
     coding: dict[str, float] = {}
+    item_real: list[Tensor] = []
+    item_recon: list[Tensor] = []
     n_images = 0
     stats: CTRLStats | None = None
     code_nonzero: list[Tensor] = []
@@ -138,9 +150,14 @@ def evaluate_model(encoder: nn.Module, decoder: nn.Module, batches: Iterable[tup
             recon_f.append(fd_features(x_hat).cpu())
         if example is None:
             example = (x[:GRID_IMAGES].cpu(), x_hat[:GRID_IMAGES].cpu())
+        if sum(len(t) for t in item_real) < ITEM_MATCH_IMAGES:
+            item_real.append(_small(x).cpu())
+            item_recon.append(_small(x_hat).cpu())
     if n_images == 0:
         raise ValueError("the evaluation data yielded no images")
     metrics = {k_: v / n_images for k_, v in sums.items()}
+    metrics["item_match"] = float(M.item_match(torch.cat(item_real)[:ITEM_MATCH_IMAGES],
+                                               torch.cat(item_recon)[:ITEM_MATCH_IMAGES]))
     metrics.update({k_: v / n_images for k_, v in coding.items()})
     metrics.update({k_: float(v) for k_, v in atom_measures(encoder, initial_atoms).items()})
     per_atom = [c / code_total for c in code_nonzero]

@@ -7,6 +7,7 @@ Feature sets are (n, d) arrays or tensors, one row per sample (the rows of ``z``
 the transposed Z ∈ ℝ^{d×n}).
 
     reconstruction   mse, psnr, ssim, ssim_signed_unit        per image, or their mean over the batch
+                     item_match                               reconstructions nearest to their own input
     distributions    frechet_distance (Gaussian 2-Wasserstein), kid (unbiased polynomial-kernel MMD²)
     classification   knn_accuracy (cosine k-NN, majority vote), nearest_subspace_accuracy (MCR²/CTRL)
     sparse codes     sparsity (fraction of non-zero entries), atom_usage (the same per atom)
@@ -151,6 +152,20 @@ def ssim_signed_unit(x: Tensor, y: Tensor, reduction: Reduction = "mean") -> Ten
     """
     dtype = _compute_dtype(x)
     return ssim((x.to(dtype) + 1.0) / 2.0, (y.to(dtype) + 1.0) / 2.0, data_range=1.0, reduction=reduction)
+
+
+def item_match(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Share of reconstructions that are of their own input and not of another image:
+
+        item_match = (1/n) Σᵢ [ argmin_j ‖x̂ᵢ − x_j‖₂ = i ]
+
+    over the n images given (x, x̂: (n, …)). 1/n is chance; reconstructions of the right class but not of
+    the item score near 0, a perfect autoencoder 1. Ties go to the lowest index. Distances in ≥ fp32."""
+    _check_pair(x, x_hat, "item_match")
+    dtype = _compute_dtype(x)
+    a, b = x_hat.to(dtype).flatten(1), x.to(dtype).flatten(1)
+    nearest = torch.cdist(a, b).argmin(dim=1)
+    return (nearest == torch.arange(len(a), device=a.device)).to(dtype).mean()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ def evaluation_metrics(cfg: ExperimentConfig) -> set[str]:
     """Keys the end-of-training evaluation adds to the last report (pipeline/evaluate.py)."""
     from pipeline.diagnostics import coding_metric_names
 
-    names = {"eval/mse", "eval/psnr", "eval/ssim", "eval/cos_z_zhat", "eval/images"}
+    names = {"eval/mse", "eval/psnr", "eval/ssim", "eval/cos_z_zhat", "eval/item_match", "eval/images"}
     names |= {f"eval/{k}" for k in coding_metric_names(cfg.model)}
     names |= {f"eval/objective/{t}" for t in term_names(cfg.objective.mode)}
     return names

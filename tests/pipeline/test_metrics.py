@@ -410,3 +410,16 @@ def test_sparsity_and_atom_usage_count_non_zeros():
     assert metrics.sparsity(code, threshold=1.0).item() == pytest.approx(3 / 72)
     with pytest.raises(ValueError, match="num_atoms"):
         metrics.atom_usage(torch.zeros(4, 3))
+
+
+def test_item_match_counts_reconstructions_nearest_to_their_own_input():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(50, 1, 8, 8, generator=g) * 2 - 1
+    assert float(metrics.item_match(x, x)) == 1.0
+    assert float(metrics.item_match(x, x + 0.01 * torch.randn(x.shape, generator=g))) == 1.0
+    assert float(metrics.item_match(x, x.roll(1, dims=0))) == 0.0  # each is another image exactly
+    # every reconstruction the mean image ("the class"): only the image nearest to the mean matches
+    mean = x.mean(0, keepdim=True).expand_as(x)
+    assert float(metrics.item_match(x, mean)) == pytest.approx(1 / 50)
+    with pytest.raises(ValueError):
+        metrics.item_match(x, x[:10])
