@@ -1,14 +1,15 @@
 """MLflow tracking for a training run (rank 0 only).
 
 One MLflow run per training run name: a resumed run re-attaches to the MLflow run carrying the tag
-``cscctrl.run_name`` instead of starting a second one. Metrics that cannot be sent (server down) are
-kept in memory and appended to ``<run dir>/unsent_metrics.jsonl``; they are sent with the next
-successful call and the gap is reported, never silently dropped.
+``cscctrl.run_name`` instead of starting a second one. Metrics, images, tags and texts go through the
+outbox (pipeline/outbox.py): a background thread delivers them, so a slow or stopped tracking server never
+blocks a training step; what cannot be delivered waits in ``<run dir>/unsent_metrics/`` and is delivered
+when the server answers again, by this process or by the next one that opens the run. Params and the
+logged config never hold credentials from URLs (pipeline/redact.py).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError, ExperimentConfig, dump_yaml, flatten
+from pipeline.redact import redact, redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -113,26 +115,39 @@ def get_or_create_experiment(client: Any, name: str, artifact_location: str | No
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
+def filter_literal(value: str) -> str:
+    """``value`` quoted for an MLflow search filter: with the quote kind it does not hold (MLflow's filter
+    grammar has no escape; RunConfig refuses a name holding both kinds)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"{value!r} holds both ' and \", which an MLflow search filter cannot quote")
+
+
 def find_run(client: Any, experiment_id: str, run_name: str) -> str | None:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_literal(run_name)}",
                               max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 class MLflowTracker:
-    """Rank 0's view of the MLflow run of a training run."""
+    """Rank 0's view of the MLflow run of a training run (also a sweep's parent run)."""
+
+    FINISH_FLUSH_S = 60.0  # seconds finish() waits for undelivered tracking before leaving it to the journal
 
     def __init__(self, cfg: ExperimentConfig, run_name: str, run_dir: str | None = None,
                  parent_run_id: str | None = None) -> None:
         from mlflow import MlflowClient
 
+        from pipeline.outbox import Outbox, bounded_http_requests
+
         self.cfg = cfg
         self.uri = resolve_tracking_uri(cfg)
+        self._env_before = bounded_http_requests() if self.uri.startswith(("http://", "https://")) else {}
         self.client = MlflowClient(self.uri)
         self.experiment_id = get_or_create_experiment(
             self.client, cfg.tracking.experiment, default_artifact_location(cfg, self.uri))
-        self.unsent: list[dict[str, Any]] = []
-        self.unsent_path = Path(run_dir) / "unsent_metrics.jsonl" if run_dir and not _is_remote(run_dir) else None
         existing = find_run(self.client, self.experiment_id, run_name)
         if existing:
             self.run_id = existing
@@ -146,53 +161,36 @@ class MLflowTracker:
             self.run_id = run.info.run_id
             self.resumed = False
             self._log_config()
+        self.outbox = Outbox(self.client, self.run_id, run_dir)
 
     def _log_config(self) -> None:
         from mlflow.entities import Param
 
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(self.cfg.to_dict()).items()]
+        params = [Param(k, redact(str(v))[:6000]) for k, v in flatten(self.cfg.to_dict()).items()]
         for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
             self.client.log_batch(self.run_id, params=params[i:i + 100])
-        self.client.log_text(self.run_id, dump_yaml(self.cfg), "config.yaml")
+        self.client.log_text(self.run_id, dump_yaml(ExperimentConfig.from_dict(redact_tree(self.cfg.to_dict()))),
+                             "config.yaml")
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Send metrics; on failure keep them (memory + jsonl) and send them with the next success."""
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self.unsent.append({"step": step, "timestamp": ts, "metrics": metrics})
-        batch = [Metric(k, float(v), e["timestamp"], e["step"])
-                 for e in self.unsent for k, v in e["metrics"].items()]
-        try:
-            for i in range(0, len(batch), 1000):
-                self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
-        except Exception as e:  # the server dropped: training goes on
-            steps = [u["step"] for u in self.unsent]
-            log.warning("MLflow unreachable (%s); %d metric reports buffered (steps %d..%d)%s",
-                        type(e).__name__, len(steps), steps[0], steps[-1],
-                        f", also written to {self.unsent_path}" if self.unsent_path else "")
-            if self.unsent_path:
-                self.unsent_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.unsent_path, "a") as f:
-                    f.write(json.dumps(self.unsent[-1]) + "\n")
-            return
-        if len(self.unsent) > 1:
-            log.warning("MLflow reachable again: sent %d buffered metric reports (steps %d..%d)",
-                        len(self.unsent), self.unsent[0]["step"], self.unsent[-1]["step"])
-        self.unsent = []
+        """Queue a metric report; returns at once (delivered by the outbox, journaled while undeliverable)."""
+        self.outbox.put({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
+                         "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def log_image(self, image: Any, artifact_file: str) -> None:
-        try:
-            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
-        except Exception as e:
-            log.warning("could not log image %s to MLflow: %s", artifact_file, e)
+        from pipeline.outbox import png_item
+
+        self.outbox.put(png_item(image, artifact_file))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.outbox.put({"kind": "text", "text": text, "artifact_file": artifact_file})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+        self.outbox.put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def sync(self) -> None:
+        """Journal whatever is still only in memory (at a checkpoint: see pipeline/outbox.py)."""
+        self.outbox.sync()
 
     def log_model(self, encoder: nn.Module, decoder: nn.Module) -> str | None:
         """Log g∘f with mlflow.pytorch; register it and set the alias when tracking.registered_model is set.
@@ -205,6 +203,7 @@ class MLflowTracker:
         with torch.no_grad():
             model(example)  # eager: atoms projected and step sizes current, so export traces the solver alone
         name = self.cfg.tracking.registered_model or None
+        self.outbox.flush(self.FINISH_FLUSH_S)  # the run's history before its model
         with tracking_uri_set_to(self.uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name,
                                             input_example=example.numpy(), pip_requirements=model_requirements())
@@ -216,8 +215,13 @@ class MLflowTracker:
         return version
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Deliver what is queued (up to FINISH_FLUSH_S; the rest stays in the journal), then close the run."""
+        from pipeline.outbox import restore_environment
+
+        self.outbox.close(self.FINISH_FLUSH_S)
         try:
             self.client.set_terminated(self.run_id, status=status)
         except Exception as e:
             log.warning("could not close the MLflow run: %s", e)
+        restore_environment(self._env_before)
 

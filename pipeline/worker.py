@@ -254,6 +254,8 @@ class RunReporter:
 
     def checkpoint(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
         name = checkpoint_dir_name(step)
+        if self.tracker:  # every report up to this step is delivered or journaled (pipeline/outbox.py)
+            self.tracker.sync()
         if self.local_mode:
             self._persist_local(state, name)
             self.ray_train.report(metrics)

@@ -45,44 +45,69 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class MlflowServer:
+    """A real `mlflow server` process on 127.0.0.1 (sqlite backend, proxied artifacts) that can be stopped
+    and started again on the same port and store."""
+
+    def __init__(self, root, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> "MlflowServer":
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+        from pathlib import Path
+
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        self.log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            start_new_session=True)
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Terminate the server and its worker processes (its own process group)."""
+        import signal
+        import subprocess
+
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+        self.log.close()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process on 127.0.0.1 (sqlite backend, proxied artifacts). Yields its URI."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="session")
