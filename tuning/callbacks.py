@@ -10,9 +10,13 @@ never a best value and ASHA ignores it.
 values, step, metric, non-zero fraction of the codes) whenever a trial changes status, and at most every
 ``refresh_s`` seconds while results arrive. It is pickled with the experiment state (resume), so it holds
 only plain data and looks up ``sys.stdout`` when it prints.
+
+``SealState`` seals Tune's state each time Tune saves it (tuning/state_seal.py), so that a resume can
+refuse state this project did not write.
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -25,6 +29,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from tuning.analysis import (LAST_CHECKPOINT_KEY, format_value, nonzero_fraction, render_table, short_label,
                              trial_status)
 from tuning.spaces import Dimension, decode_trial
+from tuning.state_seal import StateSealer
+
+log = logging.getLogger(__name__)
 
 REFRESH_S = 30.0  # seconds between tables while only results (no status changes) arrive
 
@@ -116,3 +123,22 @@ class TrialTable(Callback):
         state["_last_print"] = 0.0
         state["_statuses"] = {}
         return state
+
+
+class SealState(Callback):
+    """Seals the driver's staging copy of the experiment folder whenever Tune saves it: Tune calls
+    ``get_state`` of every callback right after writing its state files and before uploading the folder.
+    Stateless for Tune (returns None, so no callback-states file is written)."""
+
+    def __init__(self, experiment_path: str) -> None:
+        self.sealer = StateSealer(experiment_path)
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self.sealer.note_trials(trials)
+
+    def get_state(self) -> None:
+        try:
+            self.sealer.seal_staging()
+        except Exception as e:  # sealing must never stop the sweep; the end-of-sweep seal follows
+            log.warning("could not seal the sweep state (%s: %s)", type(e).__name__, e)
+        return None

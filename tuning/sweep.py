@@ -38,6 +38,7 @@ from tuning.resources import ResourceError, TrialResources, max_concurrent_trial
 from tuning.spaces import (Dimension, apply_point, describe_space, grid_size, overrides_from_trial,
                            parse_space, resolve_space, to_param_space)
 from tuning.spec import (TIME_ATTR, SweepSpec, asha_grace_period, check_metric, load_sweep, sweep_name)
+from tuning.state_seal import StateTrustError
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="when resuming, run errored trials again (from their last checkpoint)")
     p.add_argument("--worker-logs", action="store_true",
                    help="show the trials' training logs in this terminal (default: Ray's log files only)")
+    p.add_argument("--trust-sweep-state", action="store_true",
+                   help="resume from Tune state that carries no valid seal of this machine (tuning/state_seal.py), "
+                        "sealing it first: only when you know who wrote it")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -139,8 +143,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"cscctrl tune: error: {e}", file=sys.stderr)
         return 2
     try:
-        outcome = run_sweep(plan, retry_errored=args.retry_errored, worker_logs=args.worker_logs)
-    except ResourceError as e:
+        outcome = run_sweep(plan, retry_errored=args.retry_errored, worker_logs=args.worker_logs,
+                            trust_state=args.trust_sweep_state)
+    except (ResourceError, StateTrustError) as e:
         print(f"cscctrl tune: error: {e}", file=sys.stderr)
         return 2
     if not outcome.complete:
@@ -296,7 +301,7 @@ def build_scheduler(plan: SweepPlan) -> Any:
 def build_tuner(plan: SweepPlan, trainable: Any, concurrency: int) -> Any:
     from ray import tune
 
-    from tuning.callbacks import TrialTable
+    from tuning.callbacks import SealState, TrialTable
 
     s = plan.spec
     if s.search == "optuna":
@@ -317,15 +322,28 @@ def build_tuner(plan: SweepPlan, trainable: Any, concurrency: int) -> Any:
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname, **limit),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.experiment_root,
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                                  callbacks=[TrialTable(plan.dims, s.metric, plan.base.train.steps)], verbose=0),
+                                  callbacks=[TrialTable(plan.dims, s.metric, plan.base.train.steps),
+                                             SealState(plan.experiment_path)], verbose=0),
     )
 
 
-def run_sweep(plan: SweepPlan, *, retry_errored: bool = False, worker_logs: bool = False) -> SweepOutcome:
-    """Start or resume the sweep, wait for it, then summarise it in MLflow and on the terminal."""
+def run_sweep(plan: SweepPlan, *, retry_errored: bool = False, worker_logs: bool = False,
+              trust_state: bool = False) -> SweepOutcome:
+    """Start or resume the sweep, wait for it, then summarise it in MLflow and on the terminal. Tune's
+    resume state is restored only when its seal verifies (tuning/state_seal.py; StateTrustError before Ray
+    starts otherwise), or after ``trust_state`` sealed it."""
     import ray
     from ray import tune
 
+    from tuning import state_seal
+
+    resumed = tune.Tuner.can_restore(plan.experiment_path)
+    if resumed and trust_state:
+        sealed = state_seal.seal(plan.experiment_path)
+        print(f"[cscctrl] --trust-sweep-state: sealed {len(sealed)} state file(s) in {plan.experiment_path} as "
+              f"they are now", flush=True)
+    elif resumed:
+        state_seal.verify(plan.experiment_path)
     init_ray(worker_logs)
     nodes = node_resources(ray.nodes())
     concurrency, note = max_concurrent_trials(trial_resources(plan.spec), nodes, plan.spec.max_concurrent_trials,
@@ -334,7 +352,6 @@ def run_sweep(plan: SweepPlan, *, retry_errored: bool = False, worker_logs: bool
         log.warning(note)
     tracker = open_parent_run(plan)
     trainable = make_trainable(plan, tracker.run_id)
-    resumed = tune.Tuner.can_restore(plan.experiment_path)
     print(f"[cscctrl] sweep {plan.name}{' (resuming)' if resumed else ''}: {plan.num_trials} trial(s), "
           f"{concurrency} at a time ({trial_resources(plan.spec).describe()} each); {plan.spec.search} search"
           f"{', ASHA' if plan.spec.scheduler == 'asha' else ''}; metric {plan.spec.metric} ({plan.spec.mode}); "
@@ -344,8 +361,9 @@ def run_sweep(plan: SweepPlan, *, retry_errored: bool = False, worker_logs: bool
                                    resume_errored=retry_errored)
     else:
         tuner = build_tuner(plan, trainable, concurrency)
+        state_seal.seal(plan.experiment_path)  # tuner.pkl, written when the tuner was built
     try:
-        tuner.fit()
+        tuner.fit()  # each save of Tune's state is sealed by the SealState callback before it is uploaded
     except BaseException:
         tracker.finish("FAILED")
         raise
