@@ -254,9 +254,9 @@ def _checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import RUN_NAME_TAG
+    from pipeline.tracking import RUN_NAME_TAG, existing_store_uri
 
-    client = MlflowClient(tracking_uri or None)
+    client = MlflowClient(existing_store_uri(tracking_uri, f"{run_id!r} is neither a checkpoint path nor an MLflow run id"))
     try:
         run = client.get_run(run_id.removeprefix("runs:/").split("/")[0])
     except MlflowException as e:

@@ -46,6 +46,23 @@ def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def existing_store_uri(given: str, what: str) -> str:
+    """The MLflow store a reading command looks in: ``given``, else $MLFLOW_TRACKING_URI, else the default
+    store (``runs/mlflow.db`` of the default run.storage_path). A sqlite store that does not exist is
+    FileNotFoundError(``what``: ...), never created (MLflow's own default would create ./mlflow.db, an
+    empty store unrelated to any run)."""
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        default = Path(ExperimentConfig().run.storage_path).expanduser().resolve() / "mlflow.db"
+        uri = f"sqlite:///{default}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))  # sqlite:////abs/x.db is absolute, sqlite:///x.db relative
+        if not path.exists():
+            raise FileNotFoundError(f"{what}: there is no MLflow store at {path} (give the run's store with "
+                                    f"--tracking-uri, e.g. sqlite:///<run.storage_path>/mlflow.db)")
+    return uri
+
+
 def default_artifact_location(cfg: ExperimentConfig, uri: str) -> str | None:
     """Artifacts beside a local sqlite store; a server decides for itself (proxied artifacts)."""
     if uri.startswith("sqlite:///"):

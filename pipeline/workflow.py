@@ -532,6 +532,7 @@ def shard_valid(ctx: Context, outputs: dict[str, Any]) -> bool:
 
 
 def shard_run(ctx: Context, stage_run_id: str) -> dict[str, Any]:
+    from sharding.lock import DestLock
     from sharding.storage import Destination
     from sharding.write import PlanMismatchError, finalize, prepare_destination, write_shards
 
@@ -545,13 +546,14 @@ def shard_run(ctx: Context, stage_run_id: str) -> dict[str, Any]:
             f"workflow?). Nothing was changed: delete that folder, or give this workflow another storage= "
             f"(cscctrl demo: --storage DIR) or shards.dest=") from None
     nodes: list[str] = []
-    if dest.is_memory:  # memory:// lives in this process only
-        write_shards(plan, dest, progress=ctx.progress)
-    else:
-        dest.remove_stale_temporaries()
-        results = shard_on_ray(plan, dest, ctx.wf.shards.tasks, ctx.progress)
-        nodes = sorted({r["node"] for r in results})
-    manifest = finalize(plan, dest)
+    with DestLock(dest, exclusive=True):  # sharding/lock.py: no other shard job deletes our temporaries
+        if dest.is_memory:  # memory:// lives in this process only
+            write_shards(plan, dest, progress=ctx.progress)
+        else:
+            dest.remove_stale_temporaries()
+            results = shard_on_ray(plan, dest, ctx.wf.shards.tasks, ctx.progress)
+            nodes = sorted({r["node"] for r in results})
+        manifest = finalize(plan, dest)
     return {"manifest": manifest.url, "plan": plan.fingerprint, "shards": len(plan.shards), "nodes": nodes,
             "samples": {s: manifest.num_samples(s) for s in manifest.splits},
             "rejected": manifest.summary["rejected"]["total"]}

@@ -14,6 +14,7 @@ import re
 import sys
 
 from sharding.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, ImageOptions
+from sharding.lock import DestLock
 from sharding.plan import DEFAULT_SHARD_MAXCOUNT, DEFAULT_SHARD_MAXSIZE, parse_indices, plan_shards
 from sharding.sources import DemoSource, SourceError, open_source
 from sharding.storage import Destination, DestinationError
@@ -101,14 +102,20 @@ def main(args: argparse.Namespace) -> int:
                            splits=args.splits.split(",") if args.splits else None,
                            max_per_split=args.max_per_split)
         indices = parse_indices(args.shards, len(plan.shards)) if args.shards else None
-        prepare_destination(plan, dest, overwrite=args.overwrite)
-        if indices is None:
-            dest.remove_stale_temporaries()
-        workers = 1 if dest.is_memory else args.workers
-        report = write_shards(plan, dest, indices, workers=workers, progress=not args.no_progress)
+        with DestLock(dest, exclusive=indices is None):  # sharding/lock.py: one full job, or range jobs
+            prepare_destination(plan, dest, overwrite=args.overwrite)
+            if indices is None:
+                dest.remove_stale_temporaries()
+            workers = 1 if dest.is_memory else args.workers
+            report = write_shards(plan, dest, indices, workers=workers, progress=not args.no_progress)
+            return _finish(plan, dest, report, remove_temporaries=indices is None)
     except (SourceError, DestinationError, ValueError) as exc:
         print(f"cscctrl shard: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _finish(plan, dest: Destination, report, remove_temporaries: bool) -> int:
+    """The summary lines, and the manifest once every shard exists."""
     head = (f"cscctrl shard: {len(report.written)} shards written, {len(report.skipped)} already finished, "
             f"{report.samples} samples, {report.rejected} rejected, {report.bytes / 1e6:.1f} MB "
             f"in {report.seconds:.1f} s ({report.images_per_s:.0f} img/s)")
@@ -116,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     if missing:
         print(f"{head}; manifest not written yet: {len(missing)} of {len(plan.shards)} shards still to write")
         return 0
-    manifest = finalize(plan, dest)
+    manifest = finalize(plan, dest, remove_temporaries=remove_temporaries)
     per_split = ", ".join(f"{s} {manifest.num_samples(s)} in {manifest.num_shards(s)} shards" for s in manifest.splits)
     rejected = manifest.summary["rejected"]
     reasons = f" ({_format_rejects(rejected['by_reason'])})" if rejected["total"] else ""

@@ -168,6 +168,10 @@ def scan_images(root: Path, start: Path) -> tuple[list[tuple[str, int]], list[tu
             if entry.name.startswith("."):
                 continue
             rel = (directory / entry.name).relative_to(root).as_posix()
+            if not utf8_name(entry.name):
+                bad.append((printable_path(rel), "file name is not valid UTF-8: rename it (e.g. convmv -f latin1 "
+                                                 "-t utf8) to include it"))
+                continue
             is_image_name = Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
             try:
                 st = os.stat(entry.path)  # follows symlinks
@@ -197,7 +201,24 @@ def _ordered(splits: dict[str, list[SourceItem]]) -> dict[str, list[SourceItem]]
 
 
 def _subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Visible subfolders; one whose name is not valid UTF-8 is left out (it cannot name a class or a key:
+    ImageFolderSource lists it as rejected, naming it)."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and utf8_name(p.name))
+
+
+def utf8_name(name: str) -> bool:
+    """Whether a file name (as os.fsdecode gives it) is valid UTF-8: undecodable bytes come back as lone
+    surrogates, which no manifest, tar member or log line can hold."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(path: str) -> str:
+    """A path with any bytes that are not UTF-8 shown as \\xNN escapes (for reject lists and messages)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,11 +247,15 @@ class ImageFolderSource(Source):
         split_dirs = self.split_dirs()
         class_dirs = {split: _subdirs(d) for split, d in split_dirs.items()}
         names = sorted({d.name for dirs in class_dirs.values() for d in dirs})
+        undecodable = [ListedReject(split, printable_path(p.relative_to(root).as_posix()),
+                                    "folder name is not valid UTF-8: rename it to include its images")
+                       for split, d in split_dirs.items() for p in sorted(d.iterdir())
+                       if p.is_dir() and not p.name.startswith(".") and not utf8_name(p.name)]
         if not names:
             raise SourceError(f"SOURCE {self.root!r} holds no class folders (expected ROOT/<class>/<image>)")
         label_of = {n: i for i, n in enumerate(names)}
         splits: dict[str, list[SourceItem]] = {}
-        rejected: list[ListedReject] = []
+        rejected: list[ListedReject] = undecodable
         for split, dirs in class_dirs.items():
             rel_items: list[tuple[str, int, int]] = []
             for class_dir in dirs:

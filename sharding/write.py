@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import re
 import tarfile
 import time
@@ -183,7 +184,8 @@ def prepare_destination(plan: ShardPlan, dest: Destination, overwrite: bool = Fa
             dest.remove(name)
         for sub in ("_parts", "manifest"):
             for name in dest.listdir(sub):
-                dest.remove(f"{sub}/{name}")
+                if not name.startswith("."):  # the lock and its holders' records stay (sharding/lock.py)
+                    dest.remove(f"{sub}/{name}")
     if not same:
         dest.write_bytes_atomic(PLAN_RECORD, json.dumps(
             {"fingerprint": plan.fingerprint, "options": plan.options(), "num_shards": len(plan.shards)},
@@ -227,7 +229,8 @@ def write_shards(plan: ShardPlan, dest: Destination, indices=None, *, workers: i
                                     on_sample=lambda: bar.update(1)))
         else:
             ctx = multiprocessing.get_context("spawn")  # fork is unsafe with fsspec's I/O threads
-            with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+            with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                                        initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
                 # Each task is one whole shard; only its own items travel to the worker.
                 futures = {pool.submit(write_shard, plan.source, spec, dest, plan.image_options,
                                        plan.label_names): spec for spec in todo}
@@ -239,6 +242,24 @@ def write_shards(plan: ShardPlan, dest: Destination, indices=None, *, workers: i
     report.written.sort()
     report.seconds = time.perf_counter() - start
     return report
+
+
+PARENT_POLL_S = 1.0
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Pool-worker initializer: end this worker when the process that started it is gone (killed with
+    SIGKILL, say). A spawned worker holds both ends of the pool's task queue, so it never sees the parent's
+    end close and would otherwise wait for work forever."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(PARENT_POLL_S)
+
+    threading.Thread(target=watch, name="cscctrl-parent-watch", daemon=True).start()
 
 
 def collect_results(plan: ShardPlan, dest: Destination) -> tuple[list[ShardResult], list[int]]:
@@ -253,13 +274,15 @@ def collect_results(plan: ShardPlan, dest: Destination) -> tuple[list[ShardResul
     return results, missing
 
 
-def finalize(plan: ShardPlan, dest: Destination) -> Manifest:
-    """Write the manifest from the shard records; every shard of the plan must be finished."""
+def finalize(plan: ShardPlan, dest: Destination, remove_temporaries: bool = True) -> Manifest:
+    """Write the manifest from the shard records; every shard of the plan must be finished. A job that may
+    share DEST with others (a shard range) leaves temporaries alone (``remove_temporaries=False``)."""
     results, missing = collect_results(plan, dest)
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(plan.shards)} shards are not written yet "
                            f"(e.g. indices {missing[:10]}); run write_shards for them first")
-    dest.remove_stale_temporaries()
+    if remove_temporaries:
+        dest.remove_stale_temporaries()
     shard_rows = {split: [] for split in plan.splits}
     sample_rows = {split: [] for split in plan.splits}
     rejected = [{"split": r.split, "key": "", "source": r.source, "reason": r.reason, "stage": "list"}
@@ -275,8 +298,13 @@ def finalize(plan: ShardPlan, dest: Destination) -> Manifest:
 
 def shard_source(plan: ShardPlan, dest: Destination, *, workers: int = 1, progress: bool = False,
                  overwrite: bool = False) -> tuple[Manifest, WriteReport]:
-    """The whole job in one process tree: prepare DEST, write every shard, write the manifest."""
-    prepare_destination(plan, dest, overwrite=overwrite)
-    dest.remove_stale_temporaries()
-    report = write_shards(plan, dest, workers=workers, progress=progress)
-    return finalize(plan, dest), report
+    """The whole job in one process tree: prepare DEST, write every shard, write the manifest (holding DEST's
+    lock: sharding/lock.py)."""
+    from sharding.lock import DestLock
+
+    dest.check_writable()
+    with DestLock(dest, exclusive=True):
+        prepare_destination(plan, dest, overwrite=overwrite)
+        dest.remove_stale_temporaries()
+        report = write_shards(plan, dest, workers=workers, progress=progress)
+        return finalize(plan, dest), report

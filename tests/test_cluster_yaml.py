@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -278,9 +279,24 @@ def test_nothing_listens_on_all_interfaces(path):
     head_start = next(c for c in config["head_start_ray_commands"] if "ray start --head" in c)
     assert "--dashboard-host=127.0.0.1" in head_start
     mlflow = mlflow_start_command(config)
-    assert re.search(r"for ip in \$\(printf '%s\\n' 127\.0\.0\.1 \$HEAD_IP \| sort -u\)", mlflow), \
-        "MLflow must listen on 127.0.0.1 and the head's cluster address only"
-    assert "--host $ip" in mlflow
+    assert "--host 127.0.0.1 --port 5000" in mlflow and mlflow.count("mlflow server") == 1, \
+        "MLflow must listen on 127.0.0.1 only"
+    assert "--allowed-hosts \"localhost:*,127.0.0.1:*\"" in mlflow
+    # the cluster address is served by the token gate alone, with the Ray cluster token
+    assert re.search(r"python -m pipeline\.mlflow_gate --listen \$HEAD_IP:5000 --upstream http://127\.0\.0\.1:5000\s+"
+                     r"--token-file \$HOME/\.ray/auth_token", mlflow), mlflow
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_every_mlflow_client_sends_the_cluster_token(path):
+    """Workers export the gate's address with the token; job drivers on the head read both from
+    ~/.cscctrl/env. The token is read from the file at start, never written into a cluster file."""
+    config = load(path)
+    worker = next(c for c in config["worker_start_ray_commands"] if "ray start" in c)
+    assert "MLFLOW_TRACKING_TOKEN=$(cat ~/.ray/auth_token)" in worker
+    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in worker
+    mlflow = mlflow_start_command(config)
+    assert "'export MLFLOW_TRACKING_TOKEN=$(cat $HOME/.ray/auth_token)'" in mlflow and "~/.cscctrl/env" in mlflow
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
@@ -327,8 +343,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, host: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+def _get(url: str, host: str | None = None, token: str | None = None) -> int:
+    headers = {"Host": host} if host else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status
@@ -349,6 +368,9 @@ class HeadSimulation:
     def __init__(self, config: dict[str, Any], home: Path, replacements: dict[str, str], env: dict[str, str]):
         self.config = config
         self.home = home
+        (home / ".ray").mkdir(parents=True, exist_ok=True)
+        self.token = secrets.token_hex(32)  # the cluster token `ray up` copies to ~/.ray/auth_token
+        (home / ".ray" / "auth_token").write_text(self.token + "\n")
         self.port = _free_port()
         self.replacements = {**replacements, str(MLFLOW_PORT): str(self.port)}
         bin_dir = str(Path(sys.executable).parent)
@@ -427,6 +449,11 @@ def _check_running_server(head: HeadSimulation) -> None:
     assert _get(api) == 200
     assert _get(api, host="localhost:8080") == 200  # a tunnel to another local port
     assert _get(api, host="attacker.example:80") == 403
+    # The cluster address: the token gate. No token or another token: 401; the cluster token: through.
+    private = f"http://{PRIVATE_IP_STAND_IN}:{head.port}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _get(private) == 401
+    assert _get(private, token="not-the-cluster-token") == 401
+    assert _get(private, token=head.token) == 200
     # Not on all interfaces: this machine's own network address gets no answer.
     own_ip = ray.util.get_node_ip_address()
     if not own_ip.startswith("127."):
@@ -476,7 +503,8 @@ def test_aws_mlflow_server_serves_both_addresses_proxies_to_s3_and_survives_rest
         assert not (home / "mlflow" / "mlflow.db").exists()
         head.start_mlflow()
         _check_running_server(head)
-        # A training rank on a GPU node logs through the private address; the artifact lands in S3.
+        # A training rank on a GPU node logs through the token gate; the artifact lands in S3.
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", head.token)
         run_id = _log_run_with_artifact(f"http://{PRIVATE_IP_STAND_IN}:{head.port}", tmp_path)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
         assert any(k.startswith(artifacts_prefix) and k.endswith(f"{run_id}/artifacts/note.txt") for k in keys), keys
