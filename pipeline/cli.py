@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 
 # name -> (module, one-line help). Modules are imported lazily.
@@ -20,9 +21,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipeline.launch", "CTRL training on Ray Train (resumes when the run name exists)"),
     "tune": ("tuning.sweep", "Ray Tune sweep over sparsity / unrolling / optimisation hyperparameters"),
     "eval": ("pipeline.evaluate", "metrics and pictures of a trained model on any shard set"),
+    "encode": ("pipeline.encode", "features z (and per-stage sparsity, labels, keys) of a shard set or an image "
+                                  "folder -> parquet"),
+    "reconstruct": ("pipeline.reconstruct", "reconstructions (and input|reconstruction pairs) of a folder of "
+                                            "images of any size"),
     "run": ("pipeline.workflow", "the whole pipeline as cached, resumable stages from a workflow file"),
     "demo": ("pipeline.demo", "the bundled end-to-end demo on the embedded default data (minutes on a CPU)"),
 }
+
+INVOCATION = ""
+"""The `cscctrl` command line being run in this process ('' outside one): see ``invocation``."""
 
 EPILOG = """\
 Every command also runs as `python -m pipeline COMMAND ...`; `cscctrl COMMAND --help` explains its options.
@@ -58,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown command {command!r}; choose from: {', '.join(COMMANDS)}")
         parser.print_help()
         return 0 if ("-h" in argv or "--help" in argv or not argv) else 2
+    global INVOCATION
+    INVOCATION = "cscctrl " + shlex.join(argv)  # the run's MLflow description names it (tracking.command)
     module = importlib.import_module(COMMANDS[command][0])
     sub = argparse.ArgumentParser(prog=f"cscctrl {command}", description=COMMANDS[command][1],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(module, command, args, debug)
     finally:
         sys.stdout, sys.stderr = streams
+        INVOCATION = ""
+
+
+def invocation() -> str:
+    """The command line of the `cscctrl` command running in this process (as typed, after --debug is
+    removed), else this process's own command line; credentials in URLs removed."""
+    from pipeline.redact import redact
+
+    return redact(INVOCATION or shlex.join([os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]]))
 
 
 def run_command(module: object, command: str, args: argparse.Namespace, debug: bool) -> int:

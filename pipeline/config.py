@@ -249,6 +249,19 @@ class TrackingConfig:
     parent_run_id: str = ""
     """MLflow run id of a parent run (a sweep or a workflow); the training run is nested under it."""
 
+    system_metrics_interval_s: float = 5.0
+    """Seconds between samples of CPU, memory, disk, network and GPU use (GPU with nvidia-ml-py and a GPU),
+    which rank 0 logs as the run's MLflow system metrics (system/…, pipeline/system_metrics.py); 0 = none."""
+
+    command: str = ""
+    """The command line that started the run, shown in the run's MLflow description. Filled in by the
+    launcher (`cscctrl train`, `tune`, `run`, `demo`) when empty; credentials in URLs are removed."""
+
+    def __post_init__(self) -> None:
+        if self.system_metrics_interval_s < 0:
+            raise ConfigError(f"tracking.system_metrics_interval_s={self.system_metrics_interval_s}: must be >= 0 "
+                              f"(0 = no system metrics)")
+
 
 @dataclass
 class ScalingConfig:

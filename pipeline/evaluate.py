@@ -354,7 +354,9 @@ def _main(args: argparse.Namespace) -> int:
     run = training_run(cfg, args.tracking_uri or cfg.tracking.uri)
     path = write_report(out, report, encoder, decoder, test, cfg, history=training_history(*run) if run else None)
     if run:
-        _log_eval_to_mlflow(*run, args, report, out)
+        from pipeline.datasets import shard_dataset
+
+        _log_eval_to_mlflow(*run, args, report, out, shard_dataset(data, args.split, "evaluation", manifest))
     print(json.dumps(report, indent=2))
     print(f"[cscctrl] report: {path}")
     if samples is not None and samples["lost"]:
@@ -410,13 +412,17 @@ def training_history(client: Any, run_id: str) -> dict[str, list[tuple[int, floa
 
 
 def _log_eval_to_mlflow(client: Any, run_id: str, args: argparse.Namespace, report: dict[str, Any],
-                        out: Path) -> None:
-    """Attach the evaluation to the training run's MLflow run (metrics eval/<split>/..., report files)."""
+                        out: Path, dataset: dict[str, Any]) -> None:
+    """Attach the evaluation to the training run's MLflow run (metrics eval/<split>/..., report files, and
+    the evaluated split as a dataset input in the context "evaluation": pipeline/datasets.py)."""
+    from pipeline.datasets import dataset_input
+
     try:
-        dataset = Path(args.data).name if args.data else "trained-data"
-        prefix = f"eval/{dataset}/{args.split}"
+        name = Path(args.data).name if args.data else "trained-data"
+        prefix = f"eval/{name}/{args.split}"
         for k, v in report["metrics"].items():
             client.log_metric(run_id, f"{prefix}/{k}", float(v))
         client.log_artifacts(run_id, str(out), artifact_path=prefix)
+        client.log_inputs(run_id, datasets=[dataset_input(dataset)])
     except Exception as e:  # the report on disk is the primary output
         log.warning("could not log the evaluation to MLflow at %s: %s", client.tracking_uri, e)

@@ -178,12 +178,23 @@ def ray_resources(cfg: ExperimentConfig) -> dict[str, float]:
     return total
 
 
+def with_command(cfg: ExperimentConfig) -> ExperimentConfig:
+    """cfg with tracking.command set to the command line that runs it (pipeline/cli.py ``invocation``),
+    unless it names one already. The run's MLflow description shows it."""
+    if cfg.tracking.command:
+        return cfg
+    from pipeline.cli import invocation
+
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, command=invocation()))
+
+
 def build_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.worker import train_loop_per_worker
 
+    cfg = with_command(cfg)  # a sweep's trials come with the sweep's command (tuning/sweep.py)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:

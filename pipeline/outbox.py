@@ -22,6 +22,7 @@ import base64
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -39,6 +40,7 @@ HTTP_RETRIES = "1"  # MLFLOW_HTTP_REQUEST_MAX_RETRIES
 HTTP_BACKOFF = "1"  # MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR (an integer)
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+IMAGE_KEY = re.compile(r"[a-zA-Z0-9_\-./ ]+")  # the image keys MLflow's log_image accepts
 
 
 class Journal:
@@ -131,7 +133,8 @@ class Outbox:
 
     # -- the caller's side -----------------------------------------------------------------
     def put(self, item: dict[str, Any]) -> None:
-        """Queue one item ({"kind": "metrics" | "image" | "tags" | "text", ...}); never waits for MLflow."""
+        """Queue one item ({"kind": "metrics" | "image" | "tags" | "text" | "datasets", ...}); never waits for
+        MLflow."""
         with self._cond:
             self._pending.append(item)
             self._cond.notify_all()
@@ -253,12 +256,31 @@ class Outbox:
                     self.client.set_tag(self.run_id, k, v)
             elif kind == "text":
                 self.client.log_text(self.run_id, item["text"], item["artifact_file"])
+            elif kind == "image" and item.get("key"):
+                self._deliver_keyed_image(item)
             elif kind == "image":
                 directory, _, name = item["artifact_file"].rpartition("/")
                 with tempfile.TemporaryDirectory() as d:
                     (Path(d) / name).write_bytes(base64.b64decode(item["png"]))
                     self.client.log_artifact(self.run_id, str(Path(d) / name), directory or None)
+            elif kind == "datasets":
+                from pipeline.datasets import dataset_input
+
+                self.client.log_inputs(self.run_id, datasets=[dataset_input(d) for d in item["datasets"]])
         send_metrics()
+
+    def _deliver_keyed_image(self, item: dict[str, Any]) -> None:
+        """An image of the run's image view: MLflow's ``log_image(key=, step=, timestamp=)`` (the files
+        ``images/<key>+step+<step>+…`` that the run page scrubs through by step). A delivery retried after a
+        failure half-way may leave a second copy of that step's image: the UI then shows either."""
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(base64.b64decode(item["png"]))) as image:
+            image.load()
+            self.client.log_image(self.run_id, image, key=item["key"], step=int(item["step"]),
+                                  timestamp=int(item["timestamp"]), synchronous=True)
 
 
 def bounded_http_requests() -> dict[str, str | None]:
@@ -280,8 +302,14 @@ def restore_environment(before: dict[str, str | None]) -> None:
             os.environ[k] = v
 
 
-def png_item(image: Any, artifact_file: str) -> dict[str, Any]:
-    """An image item: a PIL image or (H, W[, C]) uint8 / float array, as PNG bytes."""
+def png_item(image: Any, artifact_file: str | None = None, *, key: str | None = None,
+             step: int | None = None) -> dict[str, Any]:
+    """An image item: a PIL image or (H, W[, C]) uint8 / float array, as PNG bytes; either an artifact file
+    (``artifact_file``) or an image of the run's image view keyed by ``key`` at training step ``step``."""
+    if (artifact_file is None) == (key is None):
+        raise ValueError("an image item needs exactly one of artifact_file or key")
+    if key is not None and not IMAGE_KEY.fullmatch(key):  # refused now: the outbox would retry it forever
+        raise ValueError(f"image key {key!r}: MLflow takes letters, digits, _ - . / and spaces only")
     import io
 
     import numpy as np
@@ -294,4 +322,8 @@ def png_item(image: Any, artifact_file: str) -> dict[str, Any]:
         image = Image.fromarray(arr)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return {"kind": "image", "artifact_file": artifact_file, "png": base64.b64encode(buf.getvalue()).decode()}
+    png = base64.b64encode(buf.getvalue()).decode()
+    if key is not None:
+        return {"kind": "image", "key": key, "step": int(step or 0), "timestamp": int(time.time() * 1000),
+                "png": png}
+    return {"kind": "image", "artifact_file": artifact_file, "png": png}

@@ -1,11 +1,14 @@
 """MLflow tracking for a training run (rank 0 only).
 
 One MLflow run per training run name: a resumed run re-attaches to the MLflow run carrying the tag
-``cscctrl.run_name`` instead of starting a second one. Metrics, images, tags and texts go through the
-outbox (pipeline/outbox.py): a background thread delivers them, so a slow or stopped tracking server never
-blocks a training step; what cannot be delivered waits in ``<run dir>/unsent_metrics/`` and is delivered
-when the server answers again, by this process or by the next one that opens the run. Params and the
-logged config never hold credentials from URLs (pipeline/redact.py).
+``cscctrl.run_name`` instead of starting a second one. Metrics, images (artifact files, and images keyed
+by name at a training step for the run's image view), tags, texts, dataset inputs (pipeline/datasets.py) and
+system metrics (pipeline/system_metrics.py) go through the outbox (pipeline/outbox.py): a background thread
+delivers them, so a slow or stopped tracking server never blocks a training step; what cannot be delivered
+waits in ``<run dir>/unsent_metrics/`` and is delivered when the server answers again, by this process or by
+the next one that opens the run. A new run gets a description (the tag ``mlflow.note.content``,
+pipeline/run_description.py). Params, the logged config and the description never hold credentials from
+URLs (pipeline/redact.py). The logged model is pipeline/model_export.py's.
 """
 from __future__ import annotations
 
@@ -21,11 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError, ExperimentConfig, dump_yaml, flatten
+from pipeline.model_export import Autoencoder  # noqa: F401  (g∘f, the logged model; imported from here too)
 from pipeline.redact import redact, redact_tree
 
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "cscctrl.run_name"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
 
 
 def _is_remote(path: str) -> bool:
@@ -87,18 +92,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             f"--port 5000 ...`), forward its port, or set tracking.uri to another store.") from e
 
 
-class Autoencoder(nn.Module):
-    """encoder f + decoder g as one module for ``mlflow.pytorch.log_model``: forward(x) = g(f(x))."""
-
-    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.encoder(x))
-
-
 @contextlib.contextmanager
 def tracking_uri_set_to(uri: str) -> Iterator[None]:
     """MLflow's fluent API (log_model, load_model of models:/ URIs) reads one global URI, and
@@ -154,7 +147,7 @@ class MLflowTracker:
     FINISH_FLUSH_S = 60.0  # seconds finish() waits for undelivered tracking before leaving it to the journal
 
     def __init__(self, cfg: ExperimentConfig, run_name: str, run_dir: str | None = None,
-                 parent_run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, description: str = "") -> None:
         from mlflow import MlflowClient
 
         from pipeline.outbox import Outbox, bounded_http_requests
@@ -174,11 +167,14 @@ class MLflowTracker:
             tags = {RUN_NAME_TAG: run_name}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
+            if description:  # the run's description in the UI; a resumed run keeps its own (maybe edited)
+                tags[DESCRIPTION_TAG] = redact(description)
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
             self.resumed = False
             self._log_config()
         self.outbox = Outbox(self.client, self.run_id, run_dir)
+        self.system_metrics: Any = None
 
     def _log_config(self) -> None:
         from mlflow.entities import Param
@@ -194,10 +190,31 @@ class MLflowTracker:
         self.outbox.put({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
                          "metrics": {k: float(v) for k, v in metrics.items()}})
 
-    def log_image(self, image: Any, artifact_file: str) -> None:
+    def log_image(self, image: Any, artifact_file: str | None = None, *, key: str | None = None,
+                  step: int | None = None) -> None:
+        """Queue an image: an artifact file (``artifact_file``), or with ``key`` and ``step`` an image of the
+        run's image view, which the run page scrubs through by training step (MLflow's ``log_image``)."""
         from pipeline.outbox import png_item
 
-        self.outbox.put(png_item(image, artifact_file))
+        self.outbox.put(png_item(image, artifact_file, key=key, step=step))
+
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        """Queue dataset inputs (pipeline/datasets.py ``shard_dataset`` dicts) for the run's Datasets panel."""
+        if datasets:
+            self.outbox.put({"kind": "datasets", "datasets": list(datasets)})
+
+    def start_system_metrics(self, interval_s: float) -> bool:
+        """Sample CPU, memory, disk, network and GPU use every ``interval_s`` seconds into the run's system
+        metrics until ``finish`` (pipeline/system_metrics.py); returns whether a GPU is sampled too."""
+        from pipeline.system_metrics import SystemMetrics
+
+        try:
+            start_ms = self.client.get_run(self.run_id).info.start_time
+        except Exception as e:  # the axis then starts now; the run itself was found a moment ago
+            log.warning("could not read the MLflow run's start time (%s); system metric steps count from now", e)
+            start_ms = None
+        self.system_metrics = SystemMetrics(self.outbox, self.run_id, self.uri, interval_s, start_ms).start()
+        return self.system_metrics.gpu
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.outbox.put({"kind": "text", "text": text, "artifact_file": artifact_file})
@@ -209,21 +226,20 @@ class MLflowTracker:
         """Journal whatever is still only in memory (at a checkpoint: see pipeline/outbox.py)."""
         self.outbox.sync()
 
-    def log_model(self, encoder: nn.Module, decoder: nn.Module) -> str | None:
-        """Log g∘f with mlflow.pytorch; register it and set the alias when tracking.registered_model is set.
-        Returns the registered version (or None)."""
+    def log_model(self, encoder: nn.Module, decoder: nn.Module, images: Tensor | None = None) -> str | None:
+        """Log the model of pipeline/model_export.py (g∘f for pyfunc, f with its codes for `cscctrl encode`,
+        signature, metadata, and two of ``images`` (the last training batch) as the input example); register
+        it and set the alias when tracking.registered_model is set. Returns the registered version (or None).
+        The networks are moved to the CPU in eval mode (training is over)."""
         import mlflow
 
-        model = Autoencoder(encoder, decoder).cpu().eval()
-        # Batch 2: torch.export specialises a dimension whose example size is 0 or 1, then refuses other batches.
-        example = torch.zeros(2, self.cfg.model.in_channels, self.cfg.model.image_size, self.cfg.model.image_size)
-        with torch.no_grad():
-            model(example)  # eager: atoms projected and step sizes current, so export traces the solver alone
+        from pipeline.model_export import input_example, log_autoencoder
+
         name = self.cfg.tracking.registered_model or None
         self.outbox.flush(self.FINISH_FLUSH_S)  # the run's history before its model
         with tracking_uri_set_to(self.uri), mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name,
-                                            input_example=example.numpy(), pip_requirements=model_requirements())
+            info = log_autoencoder(encoder, decoder, self.cfg.model, input_example(self.cfg.model, images), name,
+                                   model_requirements())
         if not name:
             return None
         version = str(info.registered_model_version)
@@ -235,6 +251,8 @@ class MLflowTracker:
         """Deliver what is queued (up to FINISH_FLUSH_S; the rest stays in the journal), then close the run."""
         from pipeline.outbox import restore_environment
 
+        if self.system_metrics is not None:
+            self.system_metrics.stop()
         self.outbox.close(self.FINISH_FLUSH_S)
         try:
             self.client.set_terminated(self.run_id, status=status)

@@ -45,7 +45,9 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
         from pipeline.tracking import MLflowTracker
 
         tracker = MLflowTracker(cfg, cfg.run.name, run_dir=run_dir(cfg),
-                                parent_run_id=cfg.tracking.parent_run_id or None)
+                                parent_run_id=cfg.tracking.parent_run_id or None,
+                                description=run_description(cfg, num_classes, device))
+        open_tracking(cfg, tracker)
         if state:
             print(f"[cscctrl] resuming {cfg.run.name} from step {start_step}"
                   f"{' (same MLflow run)' if tracker.resumed else ''}", flush=True)
@@ -73,12 +75,36 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
     ray.train.report(metrics)
     if tracker:
         if cfg.tracking.log_model:
-            version = tracker.log_model(trainer.raw_encoder, trainer.raw_decoder)
+            version = tracker.log_model(trainer.raw_encoder, trainer.raw_decoder, reporter.last_images)
             if version:
                 print(f"[cscctrl] registered model {cfg.tracking.registered_model} version {version}"
                       f" (alias '{cfg.tracking.alias}')", flush=True)
         tracker.finish("FINISHED")
     return metrics
+
+
+def run_description(cfg: ExperimentConfig, num_classes: int, device: torch.device) -> str:
+    """The new MLflow run's description (pipeline/run_description.py)."""
+    from pipeline.run_description import describe_run, train_samples_of
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return describe_run(cfg, num_classes=num_classes, train_samples=train_samples_of(cfg), gpu_name=gpu)
+
+
+def open_tracking(cfg: ExperimentConfig, tracker: Any) -> None:
+    """Rank 0, once the MLflow run is open: the shard sets the run reads as its dataset inputs (the training
+    split; the evaluation split when the run evaluates at its end), and system metrics sampling."""
+    if not cfg.data.synthetic:
+        from pipeline.datasets import shard_dataset
+        from sharding.manifest import read_manifest
+
+        manifest = read_manifest(cfg.data.shards)
+        datasets = [shard_dataset(cfg.data.shards, cfg.data.train_split, "training", manifest)]
+        if cfg.train.eval_batches and cfg.data.eval_split in manifest.splits:
+            datasets.append(shard_dataset(cfg.data.shards, cfg.data.eval_split, "evaluation", manifest))
+        tracker.log_datasets(datasets)
+    if cfg.tracking.system_metrics_interval_s > 0:
+        tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)
 
 
 def quiet_ray_train_reports() -> None:
@@ -221,23 +247,34 @@ class RunReporter:
         self.reader_stats = reader_stats
         self.t_start = time.perf_counter()
         self.first_psnr: float | None = None
+        self.last_images: Tensor | None = None  # two images of the last pictured batch: the model's example
 
-    def data_counts(self) -> dict[str, float]:
-        """The shard reader's losses summed over ranks (a collective: every rank calls it at the same steps):
-        data/lost_samples (sample reads the manifest promised that were not delivered: damaged tar
-        stretches, unreadable shards, undecodable images) and data/corrupt_shard_reads."""
-        if self.reader_stats is None:
-            return {}
-        counts = torch.tensor([self.reader_stats.lost_samples, self.reader_stats.corrupt_shards],
-                              dtype=torch.float64 if self.device.type == "cpu" else torch.float32, device=self.device)
-        distributed.all_reduce_sum_(counts)
-        lost, shards = counts.tolist()
-        return {"data/lost_samples": lost, "data/corrupt_shard_reads": shards}
+    def data_counts(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Over all ranks (a collective: every rank calls it at the same steps): the shard reader's losses
+        summed, data/lost_samples (sample reads the manifest promised that were not delivered: damaged tar
+        stretches, unreadable shards, undecodable images) and data/corrupt_shard_reads; and the share of the
+        logging window each rank waited for data (perf/data_wait_fraction, rank 0's, is in ``metrics``):
+        perf/data_wait_fraction_mean and perf/data_wait_fraction_max (the slowest rank's)."""
+        world, rank = distributed.world_size(), distributed.rank()
+        values = torch.zeros(2 + world, dtype=torch.float64 if self.device.type == "cpu" else torch.float32,
+                             device=self.device)
+        if self.reader_stats is not None:
+            values[0], values[1] = self.reader_stats.lost_samples, self.reader_stats.corrupt_shards
+        values[2 + rank] = metrics.get("perf/data_wait_fraction", 0.0)  # one slot per rank: the sum gathers
+        distributed.all_reduce_sum_(values)
+        lost, shards, *waits = values.tolist()
+        out = {"perf/data_wait_fraction_mean": sum(waits) / world, "perf/data_wait_fraction_max": max(waits)}
+        if self.reader_stats is not None:
+            out.update({"data/lost_samples": lost, "data/corrupt_shard_reads": shards})
+        return out
 
     def metrics(self, step: int, metrics: dict[str, float]) -> None:
-        metrics.update(self.data_counts())
+        metrics.update(self.data_counts(metrics))
         if self.tracker:
             self.tracker.log_metrics(step, metrics)
+            if self.tracker.system_metrics is not None:  # beside CPU and GPU use in the System metrics tab
+                self.tracker.system_metrics.log_now(
+                    {"data_wait_percentage": 100.0 * metrics["perf/data_wait_fraction_mean"]})
             print(progress_line(step, self.cfg.train.steps, metrics), flush=True)
         # At a checkpoint step the checkpoint's report carries these metrics: Ray Train's controller takes
         # one report per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a second one would wait.
@@ -245,12 +282,15 @@ class RunReporter:
             self.ray_train.report(metrics)
 
     def images(self, step: int, trainer: CTRLTrainer, x: Tensor) -> None:
+        """Rank 0: the training pictures as images of the run's image view, keyed by name (recon,
+        atoms_stage1, …) at this step, so the run page scrubs through them as training goes on."""
         if not self.tracker:
             return
         from pipeline.evaluate import training_images
 
+        self.last_images = x[:2].detach().float().cpu()
         for name, image in training_images(trainer, x).items():
-            self.tracker.log_image(image, f"images/step{step:08d}_{name}.png")
+            self.tracker.log_image(image, key=name, step=step)
 
     def checkpoint(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
         name = checkpoint_dir_name(step)

@@ -16,6 +16,7 @@ sample counts from the manifest and never count shards themselves.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from sharding.storage import Destination
 
 MANIFEST_FORMAT = "cscctrl-shards/1"
 SUMMARY_NAME = "manifest.json"
+DIGEST_HEX_DIGITS = 32  # Manifest.digest: 128 bits, within MLflow's 36-character dataset digest
 
 SAMPLE_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("label", pa.int64()), ("label_name", pa.string()),
@@ -143,6 +145,15 @@ class Manifest:
     def num_shards(self, split: str) -> int:
         self._split(split)
         return len(self.shards[split])
+
+    def digest(self, split: str) -> str:
+        """The split's content digest: the first DIGEST_HEX_DIGITS hex digits of the SHA-256 of its shard
+        table as JSON, ``[[name, samples, sha256], …]`` in shard order (no spaces). Two shard sets have
+        equal digests exactly when they list the same shard files with the same bytes; where they are stored
+        plays no part. (MLflow's dataset digest, pipeline/datasets.py.)"""
+        rows = [[s.name, s.samples, s.sha256] for s in self.shard_infos(split)]
+        text = json.dumps(rows, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_HEX_DIGITS]
 
     def _split(self, split: str) -> dict:
         if split not in self.summary["splits"]:

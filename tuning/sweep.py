@@ -276,7 +276,10 @@ def make_trainable(plan: SweepPlan, parent_run_id: str) -> Any:
     from ray import tune
     from ray.tune.execution.placement_groups import PlacementGroupFactory
 
-    fn = tune.with_parameters(train_trial, base=plan.base.to_dict(), dims=plan.dims, sweep=plan.name,
+    from pipeline.launch import with_command
+
+    # The command is read here, in the driver: a trial's own process was not started by it.
+    fn = tune.with_parameters(train_trial, base=with_command(plan.base).to_dict(), dims=plan.dims, sweep=plan.name,
                               storage=plan.trial_storage, parent_run_id=parent_run_id, carry=plan.carry_keys())
     # Only the driver lives in Tune's placement group; Ray Train reserves the workers' own group.
     return tune.with_resources(fn, PlacementGroupFactory([{"CPU": plan.spec.resources.driver_cpus}]))

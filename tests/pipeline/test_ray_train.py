@@ -53,8 +53,9 @@ def test_two_workers_log_metrics_images_and_register_the_model(tmp_path, mlflow_
         assert key in run.data.metrics, key
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/step")]
     assert sorted(steps) == [2, 4, 6]
-    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert any(p.endswith("recon.png") for p in images) and any(p.endswith("atoms_stage1.png") for p in images)
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]  # keyed by name at their step
+    assert any(p.startswith("images/recon+step+6+") for p in images), images
+    assert any(p.startswith("images/atoms_stage1+step+6+") for p in images), images
     version = client.get_model_version_by_alias("csc-ctrl-test", "candidate")
     assert version.run_id == run.info.run_id
     # Ray persisted the checkpoints (keep-N = 2) under storage_path/run name
