@@ -35,13 +35,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sharding.images import ImageOptions  # noqa: E402
-from sharding.plan import plan_shards  # noqa: E402
-from sharding.sources import ImageFolderSource, load_photo  # noqa: E402
-from sharding.storage import Destination  # noqa: E402
-from sharding.stream import SAMPLE_SHUFFLE_SIZE, make_train_loader  # noqa: E402
-from sharding.transforms import center_crop_resize, to_signed_unit  # noqa: E402
-from sharding.write import shard_source  # noqa: E402
+from sharding.images import ImageOptions
+from sharding.plan import plan_shards
+from sharding.sources import ImageFolderSource, load_photo
+from sharding.storage import Destination
+from sharding.stream import SAMPLE_SHUFFLE_SIZE, make_train_loader
+from sharding.transforms import center_crop_resize, to_signed_unit
+from sharding.write import shard_source
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "china", "flower", "hubble_deep_field",
           "immunohistochemistry")

@@ -38,5 +38,14 @@ def build_models(cfg: ModelConfig) -> tuple[CSCEncoder, CSCDecoder]:
 
 from models.presets import create_model, list_presets, preset_config  # noqa: E402  (presets use the builders)
 
-__all__ = ["ModelConfig", "CSCEncoder", "CSCDecoder", "build_encoder", "build_decoder", "build_models",
-           "create_model", "list_presets", "preset_config"]
+__all__ = [
+    "CSCDecoder",
+    "CSCEncoder",
+    "ModelConfig",
+    "build_decoder",
+    "build_encoder",
+    "build_models",
+    "create_model",
+    "list_presets",
+    "preset_config",
+]

@@ -288,11 +288,11 @@ class CSCLayer(nn.Module):
                              stride=self.stride, padding=self.padding)  # AᵀA v
                 norm = torch.linalg.vector_norm(w)
                 v = w / norm.clamp_min(NORM_FLOOR)
-                if tolerance is not None and estimate is not None:
-                    # CPU-GPU sync point (cold start only)
-                    if abs(float(norm) - float(estimate)) <= tolerance * float(norm):
-                        estimate = norm
-                        break
+                # CPU-GPU sync point (cold start only)
+                if (tolerance is not None and estimate is not None
+                        and abs(float(norm) - float(estimate)) <= tolerance * float(norm)):
+                    estimate = norm
+                    break
                 estimate = norm
         self.power_vector = v
         self.lipschitz.copy_(estimate)

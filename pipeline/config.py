@@ -334,7 +334,7 @@ class ExperimentConfig:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
         return from_dict(cls, d)
 
 

@@ -204,7 +204,7 @@ class Batches:
     def __init__(self, batches: Iterator[tuple[Tensor, Tensor]], stats: Any = None) -> None:
         self.batches, self.stats = batches, stats
 
-    def __iter__(self) -> "Batches":
+    def __iter__(self) -> Batches:
         return self
 
     def __next__(self) -> tuple[Tensor, Tensor]:

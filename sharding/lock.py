@@ -48,7 +48,7 @@ class DestLock:
         self._fd: int | None = None
         self._holder: Path | None = None
 
-    def __enter__(self) -> "DestLock":
+    def __enter__(self) -> DestLock:
         if not self.dest.is_local:
             return self
         parts = Path(self.dest.path("_parts"))

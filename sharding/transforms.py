@@ -57,7 +57,7 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     """Centre square crop of side min(w, h), resized to size × size (bicubic, antialiased)."""
     w, h = img.size
     s = min(w, h)
-    left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+    left, top = round((w - s) / 2.0), round((h - s) / 2.0)
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + s, top + s))
 
 

@@ -54,7 +54,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         import subprocess
         import sys
         import time
@@ -62,7 +62,7 @@ class MlflowServer:
         from pathlib import Path
 
         mlflow_bin = Path(sys.executable).with_name("mlflow")
-        self.log = open(self.root / "server.log", "a")
+        self.log = open(self.root / "server.log", "a")  # noqa: SIM115 (the server's log for its lifetime)
         self.proc = subprocess.Popen(
             [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",

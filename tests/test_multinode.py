@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import signal
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -177,7 +176,7 @@ def _ray_list(dashboard: str, *args: str) -> list[dict]:
 def test_train_and_tune_jobs_use_both_nodes(two_nodes, demo_shards, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    address, dashboard = two_nodes
+    _address, dashboard = two_nodes
     common = [f"data.shards={demo_shards}", f"run.storage_path={tmp_path}", f"tracking.uri={mlflow_server}",
               "tracking.experiment=multinode", "model.preset=csc_ctrl_debug", "train.batch_size_per_worker=16",
               "train.precision=fp32", "train.log_every=2", "train.checkpoint_every=2", "train.image_every=0",

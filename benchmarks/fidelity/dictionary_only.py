@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models.csc import CSCLayer  # noqa: E402
-from models.dictionary import dictionary_loss, dictionary_summary, nonzero_fraction  # noqa: E402
-from probe import load_fmnist, load_photos  # noqa: E402
+from models.csc import CSCLayer
+from models.dictionary import dictionary_loss, dictionary_summary, nonzero_fraction
+from probe import load_fmnist, load_photos
 
 
 def main(argv=None) -> None:

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from models import build_models  # noqa: E402
-from models.dictionary import dictionary_summary, nonzero_fraction, relative_residual  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.metrics import psnr  # noqa: E402
-from pipeline.trainer import CTRLTrainer  # noqa: E402
+from models import build_models
+from models.dictionary import dictionary_summary, nonzero_fraction, relative_residual
+from pipeline.config import load_config
+from pipeline.metrics import psnr
+from pipeline.trainer import CTRLTrainer
 
 
 def load_fmnist(size: int, channels: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -141,7 +141,7 @@ def measure(trainer, initial, x, dev, batch=1000, pictures=""):
         w = enc.csc_layers()[0].weight.detach().float().cpu()
         atom_tiles(w.mean(1, keepdim=True) if w.shape[1] == 3 else w, zoom=6).save(f"{pictures}-atoms1-luma.png")
     n, nb = x.shape[0], math.ceil(x.shape[0] / batch)
-    result = {k: sum(v) / (n if k != "cos" else n) for k, v in out.items() if v}
+    result = {k: sum(v) / n for k, v in out.items() if v}
     result["cos"] = sum(out["cos"]) / n
     if res:
         result["residual"] = [round(v / nb, 3) for v in res]

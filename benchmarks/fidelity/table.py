@@ -9,10 +9,8 @@ def main(paths):
     print("| tag | peak psnr | " + " | ".join(cols) + " |")
     print("|" + "---|" * (len(cols) + 2))
     for p in paths:
-        rows = []
-        for line in open(p):
-            if line.startswith("{"):
-                rows.append(json.loads(line))
+        with open(p) as f:
+            rows = [json.loads(line) for line in f if line.startswith("{")]
         if not rows:
             print(f"| {p} | (no result) |")
             continue

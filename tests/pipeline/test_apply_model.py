@@ -75,7 +75,7 @@ def test_the_registered_model_holds_f_and_says_what_it_takes(registered):
     from pipeline.model_export import Autoencoder
     from pipeline.tracking import tracking_uri_set_to
 
-    cfg, encoder, decoder, _, uri = registered
+    _cfg, encoder, decoder, _, uri = registered
     with tracking_uri_set_to(uri):
         model = mlflow.pyfunc.load_model(f"models:/{NAME}@{ALIAS}")
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@{ALIAS}"))
@@ -173,7 +173,8 @@ def test_reconstruct_images_of_any_size_as_the_registered_model_does(registered,
         with Image.open(out / "pairs" / row["file"]) as pair:  # zoom auto: 4 x 32 px, two tiles, 8 px gaps
             assert pair.size == (2 * 128 + 3 * 8, 128 + 2 * 8)
     assert (out / "grid.png").is_file()
-    assert [r["path"] for r in csv.DictReader(open(out / "refused.csv"))] == ["coffee/broken.jpg"]
+    with open(out / "refused.csv") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == ["coffee/broken.jpg"]
 
 
 def test_a_version_logged_before_the_features_program_encodes_through_its_runs_checkpoint(registered, tmp_path,
@@ -185,7 +186,7 @@ def test_a_version_logged_before_the_features_program_encodes_through_its_runs_c
     from pipeline.model_export import Autoencoder
     from pipeline.tracking import MLflowTracker, tracking_uri_set_to
 
-    cfg, encoder, decoder, ckpt, uri = registered
+    cfg, encoder, decoder, _ckpt, uri = registered
     tracker = MLflowTracker(cfg, "apply")  # the run that holds the checkpoint's run name and storage
     with tracking_uri_set_to(uri), mlflow.start_run(run_id=tracker.run_id):
         mlflow.pytorch.log_model(Autoencoder(encoder, decoder), name="model", registered_model_name="old",

@@ -109,7 +109,7 @@ def test_eval_uses_the_newest_intact_checkpoint_and_names_the_damaged_one(demo_s
     (damaged / STATE_FILE).write_bytes((damaged / STATE_FILE).read_bytes()[:1000])  # a torn copy
     code = main(["eval", str(tmp_path / "ck"), "--data", demo_shards, "--split", "val", "--no-fd", "--device", "cpu",
                  "--max-batches", "1", "--out", str(tmp_path / "report")])
-    out, err = capsys.readouterr()
+    _out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
     assert f"checkpoint {damaged} is damaged" in err
     assert "checkpoint_step000000002 (step 2)" in json.loads((tmp_path / "report" / "metrics.json").read_text())["model"]

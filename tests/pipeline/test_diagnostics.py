@@ -76,7 +76,7 @@ def test_trainer_logs_the_coding_measures_and_the_mean_cosine():
     rec = Recorder()
     trainer = CTRLTrainer(cfg, device=torch.device("cpu"), num_classes=1, batches=_synthetic(), reporter=rec)
     trainer.fit()
-    (step, logged), = rec.logged
+    (_step, logged), = rec.logged
     for key in ("code/stage1/residual", "code/stage3/residual", "code/stage1_psnr", "atoms/stage1/roughness",
                 "atoms/stage1/flat_fraction", "atoms/stage1/drift", "atoms/stage4/drift", "sparsity/stage1"):
         assert key in logged, key

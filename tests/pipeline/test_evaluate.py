@@ -53,7 +53,7 @@ def test_eval_writes_metrics_and_an_offline_report(trained_run, tmp_path):
 
 
 def test_eval_on_unseen_photos_states_both_datasets(trained_run, tmp_path):
-    run_dir, cfg = trained_run
+    run_dir, _cfg = trained_run
     out = tmp_path / "unseen"
     proc = _eval(str(run_dir), "--split", "unseen", "--no-fd", "--device", "cpu", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,7 +84,7 @@ def test_report_atoms_decode_through_the_decoder(trained_run):
     from pipeline.report import decoded_atoms
 
     run_dir, _ = trained_run
-    cfg, enc, dec, _ = load_trained(str(run_dir))
+    _cfg, enc, dec, _ = load_trained(str(run_dir))
     atoms = decoded_atoms(enc, dec, stage=2, count=5)
     assert atoms.shape == (5, 3, 32, 32) and torch.isfinite(atoms).all()
     assert atoms.abs().flatten(1).amax(1).gt(0).all()  # every decoded atom leaves a mark

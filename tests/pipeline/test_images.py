@@ -215,7 +215,7 @@ def test_curves_plot_renders_and_drops_non_finite_points():
 
 
 def test_save_png_writes_a_readable_file(tmp_path):
-    x, p = quantised(4, 3, 5, 7, seed=10)
+    x, _p = quantised(4, 3, 5, 7, seed=10)
     img = images.image_grid(x, nrow=2)
     path = images.save_png(img, tmp_path / "nested" / "dir" / "grid.png")
     with open(path, "rb") as f:

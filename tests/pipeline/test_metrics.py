@@ -2,6 +2,7 @@
 scipy.linalg.sqrtm, scikit-image's SSIM, scikit-learn's k-NN) on real photos and synthetic features."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -191,7 +192,7 @@ def test_frechet_distance_grows_with_added_noise():
     noise = rng.standard_normal(feats.shape)
     distances = [metrics.frechet_distance(feats, feats + s * noise) for s in (0.0, 0.1, 0.3, 1.0, 3.0)]
     assert distances[0] == pytest.approx(0.0, abs=1e-8)
-    assert all(a < b for a, b in zip(distances, distances[1:])), distances
+    assert all(a < b for a, b in itertools.pairwise(distances)), distances
 
 
 def test_frechet_distance_from_stats_matches_scipy_sqrtm():
@@ -378,7 +379,7 @@ def test_nearest_subspace_is_uncentered():
     b = np.stack([-np.ones_like(t), 3.0 + t], 1)
     train = np.concatenate([a, b])
     labels = np.repeat([0, 1], len(t))
-    classes, bases = metrics.class_subspaces(train, labels, n_components=1)
+    _classes, bases = metrics.class_subspaces(train, labels, n_components=1)
     assert abs(float(bases[0, 0, 0])) > 0.99  # class 0's direction ≈ (1, 0), not (0, 1)
     assert metrics.nearest_subspace_accuracy(train, labels, train, labels, n_components=1) == 1.0
 
@@ -387,7 +388,7 @@ def test_nearest_subspace_small_class_keeps_its_directions():
     rng = np.random.default_rng(13)
     train = rng.standard_normal((7, 5))
     labels = np.array([0, 0, 0, 0, 0, 1, 1])  # class 1 has 2 samples < n_components = 3
-    classes, bases = metrics.class_subspaces(train, labels, n_components=3)
+    _classes, bases = metrics.class_subspaces(train, labels, n_components=3)
     assert bases.shape == (2, 5, 3)
     gram = bases[1].T @ bases[1]
     np.testing.assert_allclose(gram.numpy(), np.diag([1.0, 1.0, 0.0]), atol=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -50,7 +51,8 @@ def test_credentials_in_urls_are_neither_echoed_nor_stored(tmp_path, capsys):
     run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
     assert run.data.params["data.shards"] == "s3://***@bucket/shards"
     config_text = MlflowClient(cfg.tracking.uri).download_artifacts(tracker.run_id, "config.yaml", str(tmp_path))
-    assert "s3cr3t" not in open(config_text).read() and "AKIAEXAMPLE" not in open(config_text).read()
+    text = Path(config_text).read_text()
+    assert "s3cr3t" not in text and "AKIAEXAMPLE" not in text
 
 
 def test_eval_of_a_run_id_reads_the_runs_store_and_creates_none(demo_shards, tmp_path, capsys):

@@ -104,7 +104,7 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(mode, device, tmp_pat
     assert set(single) == set(ranks[0])
     for key, ref in single.items():
         for r in range(2):
-            torch.testing.assert_close(ranks[r][key], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"{key} rank {r}: {m}")
+            torch.testing.assert_close(ranks[r][key], ref, rtol=1e-6, atol=1e-9, msg=lambda m, key=key, r=r: f"{key} rank {r}: {m}")
     # The comparison is not vacuous: the step changed the parameters and the gradients are non-zero.
     assert any(single[k].abs().sum() > 0 for k in single if k.startswith("enc_grad/"))
     assert any(single[k].abs().sum() > 0 for k in single if k.startswith("dec_grad/"))

@@ -36,7 +36,7 @@ def test_resume_with_other_model_or_optimizer_settings_is_refused(tmp_path, caps
     assert "model.lam: 0.1 -> 0.5" in line and "optim.decoder.lr: " in line and "-> 0.01" in line
     assert "choose another run.name" in line
     assert "[cscctrl] run" not in out and "resuming" not in out  # refused before anything started
-    client, run = _run(tmp_path)
+    _client, run = _run(tmp_path)
     assert run.data.params["model.lam"] == "0.1" and run.info.status == "FINISHED"
 
 

@@ -243,7 +243,7 @@ def test_workflow_end_to_end_failure_reuse_and_skip(tmp_path):
     stage_runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parents[1].info.run_id}'")
     by_stage = {r.data.tags["cscctrl.stage"]: r for r in stage_runs}
     assert set(by_stage) == set(STAGES)
-    tune_stage = client.search_runs([exp], f"tags.`cscctrl.stage` = 'tune' and tags.`cscctrl.stage.state` = 'done'")
+    tune_stage = client.search_runs([exp], "tags.`cscctrl.stage` = 'tune' and tags.`cscctrl.stage.state` = 'done'")
     sweep_runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{tune_stage[0].info.run_id}'")
     assert [r.data.tags.get("cscctrl.kind") for r in sweep_runs] == ["sweep"]
     trials = client.search_runs([exp], f"tags.mlflow.parentRunId = '{sweep_runs[0].info.run_id}'")
@@ -275,7 +275,7 @@ def test_workflow_end_to_end_failure_reuse_and_skip(tmp_path):
 def test_killed_driver_resumes_training_without_resharding(tmp_path):
     path = workflow_file(tmp_path, "kill", sweep=False, sets=("val",), **{"train.steps": 40})
     storage = tmp_path / "store"
-    log = open(tmp_path / "first.log", "w")
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 (the child's output while it runs)
     proc = subprocess.Popen([*CSCCTRL, "--no-progress", str(path)], stdout=log, stderr=subprocess.STDOUT,
                             env=ENV, start_new_session=True)  # its own group: Ray's local processes too
     deadline = time.time() + 300

@@ -63,7 +63,7 @@ def test_odd_files_are_converted_or_rejected_with_reasons(tmp_path):
     assert {n: rows[n]["converted"] for n in ("cmyk.jpg", "gray16.png", "palette.png", "alpha.png", "gray.jpg")} == {
         "cmyk.jpg": True, "gray16.png": True, "palette.png": True, "alpha.png": True, "gray.jpg": False}
     loader = make_eval_loader(manifest, "train", image_size=32, batch_size=64, num_workers=0, with_keys=True)
-    x, labels, keys = next(iter(loader))
+    x, _labels, keys = next(iter(loader))
     assert x.shape == (8, 3, 32, 32) and loader.stats.corrupt_samples == 0
     gray = x[keys.index("odd_gray")]
     assert torch_equal(gray[0], gray[1]) and torch_equal(gray[1], gray[2])  # grey replicated to RGB

@@ -79,7 +79,7 @@ def test_rgb_reading_is_unchanged(mixed_shards):
 
 
 def test_large_jpeg_is_drafted_in_both_modes_and_grey_is_its_luminance(mixed_shards):
-    dest, photos = mixed_shards
+    dest, _photos = mixed_shards
     data = (dest.parent / "src" / "coffee" / "coffee.jpeg").read_bytes()
     for mode in ("L", "RGB"):
         img = decode_image(data, mode, min_size=SIZE)

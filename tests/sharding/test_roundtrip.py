@@ -28,12 +28,12 @@ from tests.sharding.shardtest_helpers import crop, real_photo, save
 def kept_shards(photo_folder, tmp_path_factory):
     dest = tmp_path_factory.mktemp("kept")
     plan = plan_shards(ImageFolderSource(photo_folder), shard_maxcount=5, seed=1)
-    manifest, report = shard_source(plan, Destination(str(dest)))
+    manifest, _report = shard_source(plan, Destination(str(dest)))
     return photo_folder, dest, manifest
 
 
 def test_plain_webdataset_reads_every_sample_with_original_bytes(kept_shards):
-    folder, dest, manifest = kept_shards
+    folder, _dest, manifest = kept_shards
     assert manifest.num_shards("train") == 3 and manifest.num_samples("train") == 12
     seen = {}
     for sample in wds.WebDataset(manifest.shard_urls("train"), shardshuffle=False, empty_check=False):
@@ -58,7 +58,7 @@ def test_shards_are_class_mixed(kept_shards):
 
 
 def test_tar_headers_are_fixed(kept_shards):
-    _, dest, manifest = kept_shards
+    _, dest, _manifest = kept_shards
     with tarfile.open(dest / "train-000000.tar") as tar:
         infos = tar.getmembers()
     assert {(i.mtime, i.uid, i.gid, i.uname, i.gname, i.mode) for i in infos} == {(946684800, 0, 0, "cscctrl",

@@ -51,7 +51,7 @@ def test_killing_the_shard_parent_ends_its_pool_workers(tmp_path):
         assert _wait_for(lambda: any((tmp_path / "shards").glob(".train-*.tmp")), 60)  # writing shards
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=30)
-        gone, alive = psutil.wait_procs(workers, timeout=15)
+        _gone, alive = psutil.wait_procs(workers, timeout=15)
         assert not alive, f"pool workers still running after their parent was killed: {[p.pid for p in alive]}"
     finally:
         for p in workers:
@@ -71,7 +71,7 @@ def test_a_second_job_on_the_same_dest_is_refused_naming_the_first(tmp_path):
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"process {first.pid} on " in second.stderr and "cscctrl" in second.stderr
         assert "run this command again" in second.stderr
-        out, err = first.communicate(timeout=600)
+        _out, err = first.communicate(timeout=600)
         assert first.returncode == 0, err[-3000:]
     finally:
         if first.poll() is None:
@@ -82,12 +82,12 @@ def test_a_second_job_on_the_same_dest_is_refused_naming_the_first(tmp_path):
 
 def test_range_jobs_share_dest_and_a_full_job_waits_for_them(tmp_path):
     dest = Destination(str(tmp_path))
-    with DestLock(dest, exclusive=False), DestLock(dest, exclusive=False):  # two shard ranges at once
-        with pytest.raises(DestinationBusy, match=f"process {os.getpid()} on .* writing a shard range"):
-            DestLock(dest, exclusive=True).__enter__()
-    with DestLock(dest, exclusive=True):  # released: a full job may start
-        with pytest.raises(DestinationBusy, match="writing all shards"):
-            DestLock(dest, exclusive=False).__enter__()
+    with (DestLock(dest, exclusive=False), DestLock(dest, exclusive=False),  # two shard ranges at once
+          pytest.raises(DestinationBusy, match=f"process {os.getpid()} on .* writing a shard range")):
+        DestLock(dest, exclusive=True).__enter__()
+    with (DestLock(dest, exclusive=True),  # released: a full job may start
+          pytest.raises(DestinationBusy, match="writing all shards")):
+        DestLock(dest, exclusive=False).__enter__()
 
 
 def test_a_file_name_that_is_not_utf8_is_rejected_not_fatal(tmp_path):

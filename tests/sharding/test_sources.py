@@ -197,13 +197,13 @@ def test_fashion_mnist_matches_the_packages_own_reader(tmp_path):
 
 
 def test_demo_crop_sizes_follow_the_crop_option():
-    for crop in [(0.2, 0.6), (0.9, 1.0), (1.0, 1.0)]:
-        listing = DemoSource(seed=2, train=30, val=0, unseen=10, size=16, crop=crop).list()
+    for scale in [(0.2, 0.6), (0.9, 1.0), (1.0, 1.0)]:
+        listing = DemoSource(seed=2, train=30, val=0, unseen=10, size=16, crop=scale).list()
         for item in listing.splits["train"] + listing.splits["unseen"]:
             name, box = item.source.split("#")
             y0, x0, side = map(int, box.split(","))
             h, w = real_photo(name).shape[:2]
-            assert int(crop[0] * min(h, w)) <= side <= crop[1] * min(h, w), (crop, item.source)
+            assert int(scale[0] * min(h, w)) <= side <= scale[1] * min(h, w), (scale, item.source)
             assert 0 <= y0 <= h - side and 0 <= x0 <= w - side
     for bad in [(0.0, 0.5), (0.7, 0.3), (0.5, 1.2)]:
         with pytest.raises(SourceError, match="demo crop must be"):

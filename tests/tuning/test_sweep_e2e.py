@@ -51,7 +51,7 @@ AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 def ray_address(tmp_path_factory):
     """A 2-CPU Ray head of our own on 127.0.0.1 (`ray start --block`: SIGTERM stops exactly its processes)."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")  # noqa: SIM115 (the head's log while it runs)
     # A temp dir of its own (short: it holds unix sockets), so that `ray start` writes its
     # ray_current_cluster file there and not in /tmp/ray, where other local ray.init() calls would
     # read it and try to join this cluster after it is gone.
@@ -201,7 +201,7 @@ def test_parent_holds_table_plot_and_a_best_config_train_accepts(sweep, tmp_path
     assert yaml.safe_load((summary / "best_config.yaml").read_text()) == yaml.safe_load(
         (local / "best_config.yaml").read_text())
     _, out2 = sweep["second"]
-    ckpt = re.search(r"checkpoint (\S+checkpoint_step%09d)" % STEPS, out2)
+    ckpt = re.search(rf"checkpoint (\S+checkpoint_step{STEPS:09d})", out2)
     assert ckpt and Path(ckpt.group(1), "state.pt").exists(), out2[-3000:]
 
 
