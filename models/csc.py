@@ -252,6 +252,12 @@ class CSCLayer(nn.Module):
         elif changed:
             self.refresh()
 
+    def forget_step_size(self) -> None:
+        """Make the next forward estimate L from a cold start, as it does after ``load_state_dict``. A model
+        saved after this (e.g. exported for MLflow) is then the same function as its checkpoint loaded back:
+        during training L is tracked by a few warm-started power iterations, which a cold start refines."""
+        self._input_size = None
+
     @torch.no_grad()
     def refresh(self) -> None:
         """Project the atoms to unit norm, then re-estimate L by ``power_iters_warm`` warm-started power

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.csc import CSCLayer
+
 FEATURES_FILE = "features.pt2"
 """File name of the features program among the model's extra files (``extra_files/features.pt2``)."""
 
@@ -114,6 +116,9 @@ def log_autoencoder(encoder: nn.Module, decoder: nn.Module, model_cfg: Any, exam
 
     encoder, decoder = encoder.cpu().eval(), decoder.cpu().eval()
     model = Autoencoder(encoder, decoder).eval()
+    for layer in model.modules():
+        if isinstance(layer, CSCLayer):
+            layer.forget_step_size()  # L as a checkpoint loaded back has it: one function however it is loaded
     with torch.no_grad():
         model(example)  # eager: atoms projected and step sizes current, so export traces the solver alone
     stages = len(encoder.csc_layers())

@@ -43,6 +43,12 @@ def registered(demo_shards, tmp_path_factory):
     with torch.no_grad():
         for x, _ in make_eval_loader(demo_shards, "train", image_size=32, batch_size=64, num_workers=0, channels=1):
             decoder(encoder(x))
+        # As after an optimizer step in training: the atoms moved, and the next forward tracks L by a few
+        # warm-started power iterations (which a checkpoint loaded back replaces by a cold start).
+        for p in [*encoder.parameters(), *decoder.parameters()]:
+            if p.dim() == 4:
+                p.add_(0.3 * torch.randn_like(p))
+        decoder(encoder(x))
     ckpt = root / "apply" / "checkpoint_step000000000"
     save_state({"config": cfg.to_dict(), "encoder": encoder.state_dict(), "decoder": decoder.state_dict(),
                 "step": 0}, ckpt)
@@ -91,6 +97,24 @@ def test_the_registered_model_holds_f_and_says_what_it_takes(registered):
     with torch.no_grad():
         expected = Autoencoder(encoder, decoder)(x).numpy()
     np.testing.assert_allclose(model.predict(x.numpy()), expected, rtol=1e-4, atol=1e-5)  # reconstructions
+
+
+def test_the_registered_model_is_the_checkpoint_loaded_back(registered):
+    """The function MLflow serves is the one `cscctrl eval` and `encode` rebuild from the checkpoint."""
+    import mlflow
+
+    from pipeline.evaluate import load_trained
+    from pipeline.model_export import Autoencoder
+    from pipeline.tracking import tracking_uri_set_to
+
+    *_, ckpt, uri = registered
+    _, encoder, decoder, _ = load_trained(str(ckpt))
+    with tracking_uri_set_to(uri):
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@{ALIAS}")
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = Autoencoder(encoder.eval(), decoder.eval())(x).numpy()
+    np.testing.assert_allclose(model.predict(x.numpy()), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_encode_a_shard_set_from_the_registry(registered, demo_shards, tmp_path):

@@ -100,9 +100,12 @@ sys.stdin.readline()                      # killed here
 def test_reports_buffered_by_a_killed_process_reach_the_run_after_a_restart(tmp_path):
     (tmp_path / "server").mkdir()
     server = MlflowServer(tmp_path / "server").start()
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), server.uri], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    # Its warnings (stderr) go to a file: stdout carries only the lines this test waits for.
+    err = tmp_path / "child.err"
+    with open(err, "w") as err_file:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), server.uri], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=err_file, text=True, cwd=REPO,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert child.stdout.readline().strip() == "ready"
         server.stop()
@@ -112,7 +115,7 @@ def test_reports_buffered_by_a_killed_process_reach_the_run_after_a_restart(tmp_
         reader = threading.Thread(target=lambda: line.append(child.stdout.readline().strip()), daemon=True)
         reader.start()
         reader.join(timeout=20)
-        assert line == ["journaled"], "the reports did not reach the journal while the server was down"
+        assert line == ["journaled"], f"the reports did not reach the journal while the server was down: {err.read_text()}"
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=20)
 
