@@ -21,8 +21,8 @@ A sweep file is YAML with these keys (all optional; defaults below):
 
 Command-line ``key=value`` items whose first part is a config section (model, optim, train, ...) go
 into ``base``; any other key sets a field of this file (``num_samples=4``, ``space=unroll``,
-``space=[sparsity, unroll]``, ``asha.grace_period=20``, ``resources.num_workers=2``); their values
-may be YAML flow text.
+``space=[sparsity, unroll]``, ``asha.grace_period=20``, ``resources.num_workers=2``). Both kinds are
+read in the one dialect of pipeline/dialect.py (YAML flow values), as ``cscctrl train`` reads its items.
 """
 from __future__ import annotations
 
@@ -34,10 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from pipeline.config import (CONFIG_DIR, load_yaml_text, read_yaml_file, resolve_named_file, set_dotted, ConfigError, ExperimentConfig, coerce_value, field_types, unknown_key_error,
-                             parse_override)
+from pipeline.config import (CONFIG_DIR, ConfigError, ExperimentConfig, from_dict, parse_override,
+                             read_yaml_file, resolve_named_file, set_dotted)
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
@@ -148,22 +146,14 @@ class SweepSpec:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_yaml_text(text: str) -> Any:
-    return load_yaml_text(text)  # safe YAML with YAML 1.2 floats (pipeline/config.py)
-
-
 def resolve_sweep_path(path: str | Path) -> Path:
     """A sweep file path, or the bare name of one in configs/sweeps/ ('debug' -> configs/sweeps/debug.yaml)."""
     return resolve_named_file(path, SWEEP_DIR, "sweep")
 
 
-def _set_field(tree: dict[str, Any], key: str, value: Any) -> None:
-    """tree['asha']['grace_period'] = value for 'asha.grace_period', checking the name against SweepSpec."""
-    set_dotted(tree, key, value, root=SweepSpec)
-
-
 def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -> SweepSpec:
-    """defaults < sweep YAML file < command-line items -> a checked SweepSpec (unknown keys raise)."""
+    """defaults < sweep YAML file < command-line items -> a checked SweepSpec (unknown keys raise). Items
+are read as ``cscctrl train`` reads them (pipeline/dialect.py)."""
     tree: dict[str, Any] = {}
     if path:
         p = resolve_sweep_path(path)
@@ -177,36 +167,13 @@ def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -
         key, value = parse_override(item)
         if key.split(".", 1)[0] in CONFIG_SECTIONS:
             tree["base"][key] = value
-        else:  # sweep fields also take YAML flow values: space=[sparsity, unroll]
-            _set_field(tree, key, _yaml_value(item.split("=", 1)[1]) if isinstance(value, str) else value)
+        else:  # a field of this file: num_samples=4, space=[sparsity, unroll], asha.grace_period=20
+            set_dotted(tree, key, value, root=SweepSpec)
     if isinstance(tree.get("space"), dict) and not tree["space"]:
         raise ConfigError("space: {} is empty; give dotted config keys with specs, or a preset name")
-    return _typed_spec(tree)
-
-
-def _yaml_value(raw: str) -> Any:
-    try:
-        return read_yaml_text(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot read {raw!r} as a value: {e}") from None
-
-
-def _typed_spec(tree: dict[str, Any]) -> SweepSpec:
-    """Type-check every field with the config's checker; ``space`` and ``base`` stay free-form here
-    (tuning/spaces.py and pipeline/config.py check them against the experiment config)."""
-    hints = field_types(SweepSpec)
-    kwargs: dict[str, Any] = {}
-    for key, value in tree.items():
-        if key not in hints:
-            raise unknown_key_error("", key, SweepSpec)
-        if key in ("space", "base"):
-            kwargs[key] = value
-        else:
-            kwargs[key] = coerce_value(value, hints[key], key)
-    try:
-        return SweepSpec(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"sweep file: {e}") from e
+    # ``space`` and ``base`` are free-form here: tuning/spaces.py and pipeline/config.py check them against
+    # the experiment config.
+    return from_dict(SweepSpec, tree)
 
 
 def sweep_name(spec: SweepSpec, base: ExperimentConfig) -> str:
