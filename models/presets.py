@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from models.build import build_models
 from models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -63,8 +64,6 @@ def preset_config(name: str) -> ModelConfig:
 
 def create_model(name: str) -> tuple[CSCEncoder, CSCDecoder]:
     """(encoder, decoder) of the preset ``name``."""
-    from models import build_models  # models/__init__ imports this module
-
     return build_models(preset_config(name))
 
 

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,8 +300,6 @@ def load_newest(source: str | Path) -> tuple[str, dict[str, Any]]:
     """(path, state) of a checkpoint directory, or of the newest intact checkpoint of a run directory; each
     damaged checkpoint passed over is named on stderr. FileNotFoundError when there is no checkpoint,
     CheckpointError when every one is damaged."""
-    import sys
-
     path, state, damaged = newest_intact(source)
     for d in damaged:
         print(f"[cscctrl] checkpoint {d.path} is damaged and passed over: {d.reason}", file=sys.stderr, flush=True)

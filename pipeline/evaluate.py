@@ -29,8 +29,16 @@ from torch import Tensor, nn
 from models import build_models
 from models.ctrl import CTRLStats, ctrl_objective, ctrl_statistics
 from pipeline import metrics as M
+from pipeline.checkpoint import load_newest
 from pipeline.config import ExperimentConfig
-from pipeline.diagnostics import atom_measures, initial_dictionaries, stage_measures
+from pipeline.datasets import dataset_input, shard_dataset
+from pipeline.diagnostics import atom_measures, first_stage_weight, initial_dictionaries, stage_measures
+from pipeline.features import EffNetLite0Features
+from pipeline.images import atom_tiles, luminance, recon_grid
+from pipeline.report import write_report
+from pipeline.tracking import RUN_NAME_TAG, existing_store_uri, find_run
+from sharding.manifest import read_manifest
+from sharding.stream import describe_losses, make_eval_loader
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +62,6 @@ def training_images(trainer: Any, x: Tensor) -> dict[str, Any]:
     """Real-vs-reconstruction grid and the stage-1 dictionary atoms (pixel space) of the encoder (its
     filters for the plain-convolution baseline), and for colour models their luminance.
     Run in eval mode (running BN statistics: no collective, safe on rank 0 alone)."""
-    from pipeline.images import atom_tiles, luminance, recon_grid
-
     enc, dec = trainer.raw_encoder, trainer.raw_decoder
     was_training = enc.training, dec.training
     enc.eval(), dec.eval()
@@ -69,18 +75,6 @@ def training_images(trainer: Any, x: Tensor) -> dict[str, Any]:
     if atoms.shape[1] == 3:
         images["atoms_stage1_luma"] = atom_tiles(luminance(atoms))
     return images
-
-
-def first_stage_weight(encoder: nn.Module) -> Tensor:
-    """The weight (M, C, k, k) of the encoder's first stage, whose M filters live in pixel space: the
-    dictionary atoms of a CSC model, the convolution filters of the plain-convolution baseline."""
-    from models.conv import ConvLayer
-    from models.csc import CSCLayer
-
-    for m in encoder.modules():
-        if isinstance(m, (CSCLayer, ConvLayer)):
-            return m.weight
-    raise ValueError("the encoder has no CSC or convolution layer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,8 +190,6 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
     """The end-of-training evaluation on data.eval_split (rank 0; a bounded number of batches)."""
     if not cfg.train.eval_batches or not cfg.data.eval_split or cfg.data.synthetic:
         return {}
-    from sharding.manifest import read_manifest
-    from sharding.stream import make_eval_loader
 
     if cfg.data.eval_split not in read_manifest(cfg.data.shards).splits:
         log.warning("no '%s' split in %s: skipping the end-of-training evaluation", cfg.data.eval_split,
@@ -215,8 +207,6 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
     out["eval/lost_samples"] = float(loader.stats.lost_samples)
     tracker.log_metrics(trainer.step, out)
     if result.example is not None:
-        from pipeline.images import recon_grid
-
         tracker.log_image(recon_grid(*result.example), f"eval/{cfg.data.eval_split}_recon.png")
     print("[cscctrl] eval on '{}': psnr {:.2f} dB, ssim {:.3f}, mse {:.4f}".format(
         cfg.data.eval_split, out["eval/psnr"], out["eval/ssim"], out["eval/mse"]), flush=True)
@@ -231,8 +221,6 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
 def load_trained(source: str, tracking_uri: str = "") -> tuple[ExperimentConfig, nn.Module, nn.Module, str]:
     """A checkpoint directory, a Ray run directory (newest checkpoint), or an MLflow run id whose
     training run name leads to its checkpoints. Returns (config, encoder, decoder, description)."""
-    from pipeline.checkpoint import load_newest
-
     path = Path(source).expanduser()
     if not path.exists():
         path = _checkpoint_of_mlflow_run(source, tracking_uri)
@@ -253,8 +241,6 @@ def load_trained(source: str, tracking_uri: str = "") -> tuple[ExperimentConfig,
 def _checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking import RUN_NAME_TAG, existing_store_uri
 
     client = MlflowClient(existing_store_uri(tracking_uri, f"{run_id!r} is neither a checkpoint path nor an MLflow run id"))
     try:
@@ -303,9 +289,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from sharding.manifest import read_manifest
-    from sharding.stream import make_eval_loader
-
     cfg, encoder, decoder, desc = load_trained(args.source, args.tracking_uri)
     data = args.data or cfg.data.shards
     manifest = read_manifest(data)
@@ -319,8 +302,6 @@ def _main(args: argparse.Namespace) -> int:
     encoder.to(device), decoder.to(device)
     fd = None
     if not args.no_fd:
-        from pipeline.features import EffNetLite0Features
-
         fd = EffNetLite0Features(device)
 
     def loader(split: str) -> Any:
@@ -349,19 +330,14 @@ def _main(args: argparse.Namespace) -> int:
         metrics["lost_samples"] = float(samples["lost"])
         report["samples"] = samples
     out = Path(args.out) if args.out else Path(cfg.run.storage_path) / cfg.run.name / f"eval-{args.split}"
-    from pipeline.report import write_report
 
     run = training_run(cfg, args.tracking_uri or cfg.tracking.uri)
     path = write_report(out, report, encoder, decoder, test, cfg, history=training_history(*run) if run else None)
     if run:
-        from pipeline.datasets import shard_dataset
-
         _log_eval_to_mlflow(*run, args, report, out, shard_dataset(data, args.split, "evaluation", manifest))
     print(json.dumps(report, indent=2))
     print(f"[cscctrl] report: {path}")
     if samples is not None and samples["lost"]:
-        from sharding.stream import describe_losses
-
         allowed = getattr(args, "allow_lost_samples", False)
         print(f"cscctrl eval: {'WARNING' if allowed else 'error'}: {describe_losses(samples, f'{data} [{args.split}]')}"
               f"{'' if allowed else ' (--allow-lost-samples accepts the incomplete evaluation)'}", file=sys.stderr)
@@ -383,8 +359,6 @@ def training_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str] | None:
     if not uri:
         return None
     from mlflow import MlflowClient
-
-    from pipeline.tracking import find_run
 
     try:
         client = MlflowClient(uri)
@@ -415,8 +389,6 @@ def _log_eval_to_mlflow(client: Any, run_id: str, args: argparse.Namespace, repo
                         out: Path, dataset: dict[str, Any]) -> None:
     """Attach the evaluation to the training run's MLflow run (metrics eval/<split>/..., report files, and
     the evaluated split as a dataset input in the context "evaluation": pipeline/datasets.py)."""
-    from pipeline.datasets import dataset_input
-
     try:
         name = Path(args.data).name if args.data else "trained-data"
         prefix = f"eval/{name}/{args.split}"

@@ -16,8 +16,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from pipeline.checkpoint import repair_run
+from pipeline.cli import invocation
 from pipeline.config import ConfigError, ExperimentConfig, dump_yaml, load_config
+from pipeline.demo import ensure_demo_shards  # to become sharding.ensure.ensure_shards (issue 16)
+from pipeline.resume import check_resume
+from pipeline.sizes import check_worker_memory, host_memory_bytes
 from pipeline.tracking import _is_remote, check_reachable, resolve_tracking_uri
+from pipeline.worker import train_loop_per_worker
+from sharding.manifest import ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +86,6 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     cfg = dataclasses.replace(cfg, run=run)
     if not data.synthetic:
         if not data.shards:
-            from pipeline.demo import ensure_demo_shards
-
             data = dataclasses.replace(data, shards=ensure_demo_shards(storage))
         manifest = check_shards(data.shards, data.train_split, cfg.model.image_size, data.eval_split)
         if objective.mode == "multiclass" and not objective.num_classes:
@@ -91,18 +98,11 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(tracking, uri=uri))
     if not run.name:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(run, name=default_run_name(cfg)))
-    if cfg.scaling.num_workers == 0 and cfg.scaling.use_gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"scaling.use_gpu=true with scaling.num_workers=0 trains in this process, but its "
-                              f"PyTorch ({torch.__version__}) sees no CUDA device; set scaling.use_gpu=false")
+    if cfg.scaling.num_workers == 0 and cfg.scaling.use_gpu and not torch.cuda.is_available():
+        raise ConfigError(f"scaling.use_gpu=true with scaling.num_workers=0 trains in this process, but its "
+                          f"PyTorch ({torch.__version__}) sees no CUDA device; set scaling.use_gpu=false")
     if cfg.scaling.num_workers == 0 or not os.environ.get("RAY_ADDRESS"):  # the workers run on this machine
-        from pipeline.sizes import check_worker_memory, host_memory_bytes
-
         check_worker_memory(cfg, host_memory_bytes())
-    from pipeline.resume import check_resume
-
     check_resume(cfg)
     return cfg
 
@@ -110,8 +110,6 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
 def check_shards(url: str, split: str, image_size: int, eval_split: str = "") -> Any:
     """The manifest must exist and hold samples of the training split (and of the evaluation split, when it
     lists one); returns it."""
-    from sharding.manifest import ManifestError, read_manifest
-
     try:
         manifest = read_manifest(url)
     except ManifestError as e:
@@ -165,8 +163,6 @@ def ray_resources(cfg: ExperimentConfig) -> dict[str, float]:
     need_cpu = s.num_workers * s.cpus_per_worker
     need_gpu = s.num_workers * s.gpus_per_worker if s.use_gpu else 0
     if os.environ.get("RAY_ADDRESS"):  # a cluster: no node may be too small for one worker
-        from pipeline.sizes import check_worker_memory
-
         largest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         check_worker_memory(cfg, int(largest), "the largest node of the Ray cluster")
     if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
@@ -183,7 +179,6 @@ def with_command(cfg: ExperimentConfig) -> ExperimentConfig:
     unless it names one already. The run's MLflow description shows it."""
     if cfg.tracking.command:
         return cfg
-    from pipeline.cli import invocation
 
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, command=invocation()))
 
@@ -191,8 +186,6 @@ def with_command(cfg: ExperimentConfig) -> ExperimentConfig:
 def build_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from pipeline.worker import train_loop_per_worker
 
     cfg = with_command(cfg)  # a sweep's trials come with the sweep's command (tuning/sweep.py)
     s = cfg.scaling
@@ -241,8 +234,6 @@ def repair_checkpoints(cfg: ExperimentConfig) -> None:
     """Before a run (re)starts: damaged checkpoints newer than the newest intact one are moved aside and
     Ray Train's record of the run is made to match the folders present (pipeline/checkpoint.py
     ``repair_run``), so the run resumes from its newest intact checkpoint; what was done is printed."""
-    from pipeline.checkpoint import repair_run
-
     repair = repair_run(f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}")
     for line in repair.messages(cfg.run.name):
         print(line, flush=True)

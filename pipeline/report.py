@@ -17,6 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.diagnostics import first_stage_weight
+from pipeline.images import (atom_tiles, code_activation_maps, curves_plot, luminance, recon_grid, save_png,
+                             sparsity_histogram)
+
 ATOMS_SHOWN = 64  # atoms per stage in the tiles
 ACTIVATION_IMAGES = 4  # images whose per-stage code maps are shown
 WORDS = {"csc": {"title": "CSC-CTRL", "weights": "dictionary atoms", "unit": "atom", "code": "code"},
@@ -53,10 +57,6 @@ def decoded_atoms(encoder: nn.Module, decoder: nn.Module, stage: int, count: int
 def write_report(out: Path, report: dict[str, Any], encoder: nn.Module, decoder: nn.Module, result: Any,
                  cfg: Any, history: dict[str, list[tuple[int, float]]] | None = None) -> Path:
     """Write the report folder; returns the path of report.html."""
-    from pipeline.evaluate import first_stage_weight
-    from pipeline.images import (atom_tiles, code_activation_maps, curves_plot, luminance, recon_grid, save_png,
-                                 sparsity_histogram)
-
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = []
 

@@ -21,7 +21,14 @@ from pipeline import distributed
 from pipeline.checkpoint import (CheckpointError, check_architecture, checkpoint_dir_name, load_ray_checkpoint,
                                  newest_intact, save_state)
 from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.datasets import shard_dataset
+from pipeline.evaluate import evaluate_at_end, training_images
+from pipeline.resume import config_changes, record_changes
+from pipeline.run_description import describe_run, train_samples_of
+from pipeline.tracking import MLflowTracker
 from pipeline.trainer import CTRLTrainer, checkpoint_due
+from sharding.manifest import read_manifest
+from sharding.stream import make_train_loader
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +49,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
     batches = make_batches(cfg, rank=rank, world_size=world, start_step=start_step, device=device)
     tracker = None
     if rank == 0:
-        from pipeline.tracking import MLflowTracker
-
         tracker = MLflowTracker(cfg, cfg.run.name, run_dir=run_dir(cfg),
                                 parent_run_id=cfg.tracking.parent_run_id or None,
                                 description=run_description(cfg, num_classes, device))
@@ -52,8 +57,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
             print(f"[cscctrl] resuming {cfg.run.name} from step {start_step}"
                   f"{' (same MLflow run)' if tracker.resumed else ''}", flush=True)
             if changes:
-                from pipeline.resume import record_changes
-
                 record_changes(tracker, changes, start_step)
                 print(f"[cscctrl] resumed with changed settings (recorded in MLflow): "
                       f"{'; '.join(str(c) for c in changes)}", flush=True)
@@ -68,8 +71,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
             tracker.finish("FAILED")
         raise
     if tracker:
-        from pipeline.evaluate import evaluate_at_end
-
         metrics.update(evaluate_at_end(cfg, trainer, tracker))
     # A last report on every rank (Ray keeps rank 0's): the end-of-training evaluation, for Tune.
     ray.train.report(metrics)
@@ -85,8 +86,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
 
 def run_description(cfg: ExperimentConfig, num_classes: int, device: torch.device) -> str:
     """The new MLflow run's description (pipeline/run_description.py)."""
-    from pipeline.run_description import describe_run, train_samples_of
-
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return describe_run(cfg, num_classes=num_classes, train_samples=train_samples_of(cfg), gpu_name=gpu)
 
@@ -95,9 +94,6 @@ def open_tracking(cfg: ExperimentConfig, tracker: Any) -> None:
     """Rank 0, once the MLflow run is open: the shard sets the run reads as its dataset inputs (the training
     split; the evaluation split when the run evaluates at its end), and system metrics sampling."""
     if not cfg.data.synthetic:
-        from pipeline.datasets import shard_dataset
-        from sharding.manifest import read_manifest
-
         manifest = read_manifest(cfg.data.shards)
         datasets = [shard_dataset(cfg.data.shards, cfg.data.train_split, "training", manifest)]
         if cfg.train.eval_batches and cfg.data.eval_split in manifest.splits:
@@ -164,7 +160,6 @@ def _resume_changes(cfg: ExperimentConfig, state: dict[str, Any] | None) -> list
     may not change (`cscctrl train` refuses these before Ray starts; this catches every other caller)."""
     if not state or not isinstance(state.get("config"), dict):
         return []
-    from pipeline.resume import config_changes
 
     changes = config_changes(state["config"], cfg.to_dict())
     fixed = [c for c in changes if not c.mutable]
@@ -181,7 +176,6 @@ def resolve_num_classes(cfg: ExperimentConfig) -> int:
         return cfg.objective.num_classes
     if cfg.data.synthetic:
         return 10
-    from sharding.manifest import read_manifest
 
     return read_manifest(cfg.data.shards).num_classes_in(cfg.data.train_split)
 
@@ -215,7 +209,6 @@ def make_batches(cfg: ExperimentConfig, *, rank: int, world_size: int, start_ste
                  device: torch.device) -> Batches:
     if cfg.data.synthetic:
         return Batches(synthetic_batches(cfg, device))
-    from sharding.stream import make_train_loader
 
     loader = make_train_loader(
         cfg.data.shards, split=cfg.data.train_split, image_size=cfg.model.image_size,
@@ -286,7 +279,6 @@ class RunReporter:
         atoms_stage1, …) at this step, so the run page scrubs through them as training goes on."""
         if not self.tracker:
             return
-        from pipeline.evaluate import training_images
 
         self.last_images = x[:2].detach().float().cpu()
         for name, image in training_images(trainer, x).items():

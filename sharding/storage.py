@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,6 @@ class Destination:
         if self.is_local:
             parent = self.path(name).rsplit("/", 1)[0]
             return f"{parent}/{tmp_name}"
-        import tempfile
 
         return os.path.join(tempfile.gettempdir(), tmp_name)
 

@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from models.ctrl import CTRLTerms
 from pipeline.config import (CONFIG_DIR, ConfigError, ExperimentConfig, from_dict, parse_override,
                              read_yaml_file, resolve_named_file, set_dotted)
+from pipeline.diagnostics import coding_metric_names
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
@@ -197,8 +199,6 @@ def sweep_name(spec: SweepSpec, base: ExperimentConfig) -> str:
 
 def term_names(mode: str) -> list[str]:
     """Names of the CTRL terms the trainer logs for an objective mode (models/ctrl.py CTRLTerms)."""
-    from models.ctrl import CTRLTerms
-
     present = {"binary": {"delta_r_z_zhat"}, "multiclass": {"delta_r_z", "delta_r_zhat", "delta_r_pairs"}}[mode]
     always = {"objective", "consistency", "rate_z"}
     return [f.name for f in dataclasses.fields(CTRLTerms) if f.name in always | present]
@@ -206,8 +206,6 @@ def term_names(mode: str) -> list[str]:
 
 def training_metrics(cfg: ExperimentConfig) -> set[str]:
     """Keys of every periodic report of a training run (pipeline/trainer.py ``log_metrics``)."""
-    from pipeline.diagnostics import coding_metric_names
-
     names = {f"{player}/{t}" for player in ("encoder", "decoder") for t in term_names(cfg.objective.mode)}
     names |= set(coding_metric_names(cfg.model))
     names |= {"train/recon_mse", "train/recon_psnr", "train/cos_z_zhat", "train/step", "perf/images_per_s",
@@ -217,8 +215,6 @@ def training_metrics(cfg: ExperimentConfig) -> set[str]:
 
 def evaluation_metrics(cfg: ExperimentConfig) -> set[str]:
     """Keys the end-of-training evaluation adds to the last report (pipeline/evaluate.py)."""
-    from pipeline.diagnostics import coding_metric_names
-
     names = {"eval/mse", "eval/psnr", "eval/ssim", "eval/cos_z_zhat", "eval/item_match", "eval/images"}
     names |= {f"eval/{k}" for k in coding_metric_names(cfg.model)}
     names |= {f"eval/objective/{t}" for t in term_names(cfg.objective.mode)}
