@@ -26,15 +26,15 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import torch
 
 from models.config import ARCHITECTURE_KEYS, ModelConfig
-
 
 STATE_FILE = "state.pt"
 RECORD_FILE = "checkpoint.json"
@@ -215,6 +215,30 @@ def load_ray_checkpoint(checkpoint: Any) -> dict[str, Any]:
         return load_checkpoint(d)
 
 
+def architecture_differences(stored: Mapping[str, Any], model: ModelConfig, *,
+                             missing: Literal["default", "skip"] = "default") -> list[tuple[str, Any, Any]]:
+    """(key, stored value, ``model``'s value) for every ARCHITECTURE_KEYS field on which a stored model
+    config and ``model`` disagree: the one architecture check of checkpoints (``check_architecture``) and
+    of registered model names (the workflow's register stage).
+
+    ``stored`` is a checkpoint's model section ({'layer': 'csc', ...}) or a run's MLflow params
+    ({'model.layer': 'csc', ...}: text, compared with str of ``model``'s value). A key ``stored`` lacks takes
+    ModelConfig's default (``missing='default'``: an older checkpoint without 'layer' is a CSC model) or is
+    not compared (``missing='skip'``)."""
+    defaults = ModelConfig()
+    out = []
+    for key in ARCHITECTURE_KEYS:
+        theirs = stored.get(key, stored.get(f"model.{key}"))
+        if theirs is None:
+            if missing == "skip":
+                continue
+            theirs = getattr(defaults, key)
+        ours = getattr(model, key)
+        if theirs != ours and not (isinstance(theirs, str) and theirs == str(ours)):
+            out.append((key, theirs, ours))
+    return out
+
+
 def check_architecture(state: dict[str, Any], model: ModelConfig, source: str | Path = "the checkpoint") -> None:
     """Raise ValueError unless the model config stored in ``state`` (a checkpoint written by the trainer)
     agrees with ``model`` on every ARCHITECTURE_KEYS field. The stored config decides, not the tensors: the
@@ -225,12 +249,8 @@ def check_architecture(state: dict[str, Any], model: ModelConfig, source: str | 
     stored = config.get("model") if isinstance(config, dict) else None
     if not isinstance(stored, dict):
         raise ValueError(f"{source}: no model config in the checkpoint, so its architecture cannot be checked")
-    defaults = ModelConfig()
-    differ = []
-    for key in ARCHITECTURE_KEYS:
-        theirs, ours = stored.get(key, getattr(defaults, key)), getattr(model, key)
-        if theirs != ours:
-            differ.append(f"model.{key}: checkpoint {theirs!r}, this config {ours!r}")
+    differ = [f"model.{key}: checkpoint {theirs!r}, this config {ours!r}"
+              for key, theirs, ours in architecture_differences(stored, model)]
     if differ:
         raise ValueError(f"{source} was written by another architecture ({'; '.join(differ)}); refusing to load "
                          f"it. Use another run.name (or none: it is then derived from the config), or set these "

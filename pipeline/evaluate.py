@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from models import build_models
 from models.ctrl import CTRLStats, ctrl_objective, ctrl_statistics
+from pipeline import metric_names as N
 from pipeline import metrics as M
 from pipeline.checkpoint import load_newest
 from pipeline.config import ExperimentConfig
@@ -203,13 +204,14 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
                             eps_sq=cfg.objective.eps_sq, max_batches=cfg.train.eval_batches,
                             initial_atoms=trainer.initial_atoms)
     trainer.raw_encoder.train(), trainer.raw_decoder.train()
-    out = {f"eval/{k}": v for k, v in result.metrics.items()}
-    out["eval/lost_samples"] = float(loader.stats.lost_samples)
+    out = {N.EVAL_PREFIX + k: v for k, v in result.metrics.items()}
+    out[N.EVAL_PREFIX + "lost_samples"] = float(loader.stats.lost_samples)
     tracker.log_metrics(trainer.step, out)
     if result.example is not None:
         tracker.log_image(recon_grid(*result.example), f"eval/{cfg.data.eval_split}_recon.png")
     print("[cscctrl] eval on '{}': psnr {:.2f} dB, ssim {:.3f}, mse {:.4f}".format(
-        cfg.data.eval_split, out["eval/psnr"], out["eval/ssim"], out["eval/mse"]), flush=True)
+        cfg.data.eval_split, out[N.EVAL_PREFIX + "psnr"], out[N.EVAL_PREFIX + "ssim"], out[N.EVAL_PREFIX + "mse"]),
+        flush=True)
     return out
 
 
@@ -345,13 +347,6 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-HISTORY_METRICS = ("train/recon_psnr", "decoder/objective", "decoder/delta_r_z_zhat", "decoder/delta_r_z",
-                   "decoder/delta_r_zhat", "decoder/delta_r_pairs", "train/cos_z_zhat", "code/stage1/residual",
-                   "code/stage1_psnr", "atoms/stage1/roughness", "atoms/stage1/drift")
-"""Training curves the report draws, when the run's MLflow history has them (the ΔR names by mode; the
-coding measures only for CSC models)."""
-
-
 def training_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str] | None:
     """(MlflowClient, run id) of the training run named cfg.run.name in its MLflow store, or None when
     there is no store, no such run, or the store cannot be reached (logged: the report on disk is the
@@ -371,11 +366,11 @@ def training_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str] | None:
 
 
 def training_history(client: Any, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), …]} of the HISTORY_METRICS the run logged; {} when they cannot be read
+    """{metric: [(step, value), …]} of the N.HISTORY_METRICS the run logged; {} when they cannot be read
     (the report then has no curves, and says nothing false)."""
     try:
         history = {}
-        for key in HISTORY_METRICS:
+        for key in N.HISTORY_METRICS:
             points = sorted({(m.step, m.value) for m in client.get_metric_history(run_id, key)})
             if points:
                 history[key] = points

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -21,7 +19,9 @@ import torch
 from pipeline.checkpoint import repair_run
 from pipeline.cli import invocation
 from pipeline.config import ConfigError, ExperimentConfig, dump_yaml, load_config
+from pipeline.content_hash import config_identity, content_hash
 from pipeline.demo import ensure_demo_shards  # to become sharding.ensure.ensure_shards (issue 16)
+from pipeline.ray_init import init_ray
 from pipeline.resume import check_resume
 from pipeline.sizes import check_worker_memory, host_memory_bytes
 from pipeline.tracking import _is_remote, check_reachable, resolve_tracking_uri
@@ -29,8 +29,6 @@ from pipeline.worker import train_loop_per_worker
 from sharding.manifest import ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
-
-RAY_TRAIN_POLL_S = 0.25  # seconds between Ray Train controller polls on a cluster this process starts
 
 HELP_EPILOG = """\
 examples:
@@ -70,11 +68,7 @@ def main(args: argparse.Namespace) -> int:
 
 def default_run_name(cfg: ExperimentConfig) -> str:
     """Content-based: the same config gives the same name (so re-running resumes); no timestamps."""
-    d = cfg.to_dict()
-    d["run"] = {k: v for k, v in d["run"].items() if k != "name"}
-    d.pop("tracking", None)
-    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-    return f"ctrl-{cfg.model.image_size}px-{cfg.objective.mode}-{digest}"
+    return f"ctrl-{cfg.model.image_size}px-{cfg.objective.mode}-{content_hash(config_identity(cfg))}"
 
 
 def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -130,27 +124,6 @@ def check_shards(url: str, split: str, image_size: int, eval_split: str = "") ->
                               f"none was listed; see manifest/rejected.parquet): {way_out}choose a split with "
                               f"samples ({', '.join(other) or 'none'}) or shard the source again")
     return manifest
-
-
-def init_ray(log_to_driver: bool = True) -> None:
-    """Join the cluster named by RAY_ADDRESS (which `ray job submit` sets for its driver), else start a
-    private local one: never Ray's implicit attach to whatever /tmp/ray last recorded, which may be a
-    dead cluster (ray.init then waits forever). No runtime_env: inside `ray job submit` it would have to
-    merge with the job's own; a local cluster's workers inherit this process's environment."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    # A local cluster's processes inherit this environment (ray_cluster*.yaml set the same on a cluster):
-    # - Ray Train's controller takes one ray.train.report per worker per poll, every 2 s by default: a
-    #   worker reporting more often waits;
-    # - Ray Train's print patch sends a worker's print to its logger and, as sys.stdout is wrapped in a
-    #   Ray worker, to the stream as well: every progress line reached the terminal twice.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(RAY_TRAIN_POLL_S))
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver)
 
 
 def ray_resources(cfg: ExperimentConfig) -> dict[str, float]:

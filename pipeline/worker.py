@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from pipeline import distributed
+from pipeline import metric_names as N
 from pipeline.checkpoint import (CheckpointError, check_architecture, checkpoint_dir_name, load_ray_checkpoint,
                                  newest_intact, save_state)
 from pipeline.config import ConfigError, ExperimentConfig
@@ -253,12 +254,12 @@ class RunReporter:
                              device=self.device)
         if self.reader_stats is not None:
             values[0], values[1] = self.reader_stats.lost_samples, self.reader_stats.corrupt_shards
-        values[2 + rank] = metrics.get("perf/data_wait_fraction", 0.0)  # one slot per rank: the sum gathers
+        values[2 + rank] = metrics.get(N.DATA_WAIT, 0.0)  # one slot per rank: the sum gathers
         distributed.all_reduce_sum_(values)
         lost, shards, *waits = values.tolist()
-        out = {"perf/data_wait_fraction_mean": sum(waits) / world, "perf/data_wait_fraction_max": max(waits)}
+        out = {N.DATA_WAIT_MEAN: sum(waits) / world, N.DATA_WAIT_MAX: max(waits)}
         if self.reader_stats is not None:
-            out.update({"data/lost_samples": lost, "data/corrupt_shard_reads": shards})
+            out.update({N.LOST_SAMPLES: lost, N.CORRUPT_SHARD_READS: shards})
         return out
 
     def metrics(self, step: int, metrics: dict[str, float]) -> None:
@@ -267,7 +268,7 @@ class RunReporter:
             self.tracker.log_metrics(step, metrics)
             if self.tracker.system_metrics is not None:  # beside CPU and GPU use in the System metrics tab
                 self.tracker.system_metrics.log_now(
-                    {"data_wait_percentage": 100.0 * metrics["perf/data_wait_fraction_mean"]})
+                    {"data_wait_percentage": 100.0 * metrics[N.DATA_WAIT_MEAN]})
             print(progress_line(step, self.cfg.train.steps, metrics), flush=True)
         # At a checkpoint step the checkpoint's report carries these metrics: Ray Train's controller takes
         # one report per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a second one would wait.
@@ -309,19 +310,19 @@ class RunReporter:
 
 
 def progress_line(step: int, total: int, m: dict[str, float]) -> str:
-    ips = m.get("perf/images_per_s", 0.0)
-    remaining = (total - step) * m.get("perf/step_ms", 0.0) / 1000.0
+    ips = m.get(N.IMAGES_PER_S, 0.0)
+    remaining = (total - step) * m.get(N.STEP_MS, 0.0) / 1000.0
     eta = time.strftime("%H:%M:%S", time.gmtime(remaining)) if remaining < 86400 else f"{remaining / 3600:.0f}h"
     terms = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in m.items()
                      if k.startswith("decoder/delta_r") or k == "decoder/objective")
     coding = "".join(f" {label}={m[key]:.2f}" for key, label in PROGRESS_CODING if key in m)
-    lost = m.get("data/lost_samples", 0.0)
+    lost = m.get(N.LOST_SAMPLES, 0.0)
     losses = f" | LOST {lost:,.0f} samples to damaged shards (cscctrl verify)" if lost else ""
-    return (f"[cscctrl] step {step}/{total} | {ips:,.0f} img/s | {terms} | psnr={m.get('train/recon_psnr', 0):.2f} dB"
-            f"{coding} | data wait {100 * m.get('perf/data_wait_fraction', 0):.0f}%{losses} | eta {eta}")
+    return (f"[cscctrl] step {step}/{total} | {ips:,.0f} img/s | {terms} | psnr={m.get(N.RECON_PSNR, 0):.2f} dB"
+            f"{coding} | data wait {100 * m.get(N.DATA_WAIT, 0):.0f}%{losses} | eta {eta}")
 
 
-PROGRESS_CODING = (("train/cos_z_zhat", "cos(z,ẑ)"), ("code/stage1/residual", "residual1"),
+PROGRESS_CODING = ((N.COS_Z_ZHAT, "cos(z,ẑ)"), ("code/stage1/residual", "residual1"),
                    ("sparsity/stage1", "nonzero1"))
 """Coding measures the progress line shows when logged (pipeline/diagnostics.py): how close ẑ is to z, how
 much of the image stage 1 leaves unexplained, and how sparse its code is."""

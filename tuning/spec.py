@@ -28,28 +28,27 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from models.ctrl import CTRLTerms
+from pipeline import metric_names
 from pipeline.config import (CONFIG_DIR, ConfigError, ExperimentConfig, from_dict, parse_override,
                              read_yaml_file, resolve_named_file, set_dotted)
-from pipeline.diagnostics import coding_metric_names
+from pipeline.content_hash import config_identity, content_hash
+from pipeline.metric_names import evaluation_metrics, training_metrics
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
 # scaling.* keys the sweep sets from 'resources:' (the other scaling keys may go in 'base').
 RESOURCE_KEYS = ("scaling.num_workers", "scaling.cpus_per_worker", "scaling.use_gpu", "scaling.gpus_per_worker")
-# What ASHA measures progress in: the training step every report carries (pipeline/trainer.py).
-TIME_ATTR = "train/step"
+# What ASHA measures progress in: the training step every report carries (pipeline/metric_names.py).
+TIME_ATTR = metric_names.STEP
 
 
 @dataclass
 class AshaSpec:
-    metric: str = "train/recon_psnr"
+    metric: str = metric_names.RECON_PSNR
     """Metric ASHA compares trials on at its rungs; it must be in every report (the held-out metric
     exists only at the end, so early stopping looks at the training reconstruction PSNR)."""
 
@@ -109,7 +108,7 @@ class SweepSpec:
     space: Any = "sparsity_unroll"
     search: Literal["optuna", "random", "grid"] = "optuna"
     num_samples: int = 12
-    metric: str = "eval/psnr"
+    metric: str = metric_names.EVAL_PREFIX + "psnr"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "none"] = "asha"
     asha: AshaSpec = field(default_factory=AshaSpec)
@@ -185,40 +184,12 @@ def sweep_name(spec: SweepSpec, base: ExperimentConfig) -> str:
         return spec.name
     d = spec.to_dict()
     d.pop("name")
-    b = base.to_dict()
-    b["run"] = {k: v for k, v in b["run"].items() if k != "name"}
-    b.pop("tracking", None)
-    digest = hashlib.sha1(json.dumps({"sweep": d, "base": b}, sort_keys=True, default=str).encode())
-    return f"sweep-{digest.hexdigest()[:10]}"
+    return f"sweep-{content_hash({'sweep': d, 'base': config_identity(base)})}"
 
 
 # ----------------------------------------------------------------------------------------------
 # Which metrics a trial reports (checked before any trial starts)
 # ----------------------------------------------------------------------------------------------
-
-
-def term_names(mode: str) -> list[str]:
-    """Names of the CTRL terms the trainer logs for an objective mode (models/ctrl.py CTRLTerms)."""
-    present = {"binary": {"delta_r_z_zhat"}, "multiclass": {"delta_r_z", "delta_r_zhat", "delta_r_pairs"}}[mode]
-    always = {"objective", "consistency", "rate_z"}
-    return [f.name for f in dataclasses.fields(CTRLTerms) if f.name in always | present]
-
-
-def training_metrics(cfg: ExperimentConfig) -> set[str]:
-    """Keys of every periodic report of a training run (pipeline/trainer.py ``log_metrics``)."""
-    names = {f"{player}/{t}" for player in ("encoder", "decoder") for t in term_names(cfg.objective.mode)}
-    names |= set(coding_metric_names(cfg.model))
-    names |= {"train/recon_mse", "train/recon_psnr", "train/cos_z_zhat", "train/step", "perf/images_per_s",
-              "perf/step_ms", "perf/data_wait_fraction", "optim/encoder_lr", "optim/decoder_lr"}
-    return names
-
-
-def evaluation_metrics(cfg: ExperimentConfig) -> set[str]:
-    """Keys the end-of-training evaluation adds to the last report (pipeline/evaluate.py)."""
-    names = {"eval/mse", "eval/psnr", "eval/ssim", "eval/cos_z_zhat", "eval/item_match", "eval/images"}
-    names |= {f"eval/{k}" for k in coding_metric_names(cfg.model)}
-    names |= {f"eval/objective/{t}" for t in term_names(cfg.objective.mode)}
-    return names
 
 
 def evaluation_skipped_because(cfg: ExperimentConfig, splits: list[str] | None) -> str:

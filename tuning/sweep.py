@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import yaml
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.launch import build_trainer, prepare, repair_checkpoints, with_command
-from pipeline.launch import init_ray as init_ray_
+from pipeline.ray_init import init_ray
 from pipeline.tracking import MLflowTracker, find_run
 from sharding.manifest import read_manifest
 from tuning import analysis, state_seal
@@ -256,12 +255,6 @@ def _trial_dirname(trial: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def init_ray(worker_logs: bool) -> None:
-    """pipeline.launch.init_ray, with Tune's own progress output off (our table replaces it)."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    init_ray_(log_to_driver=worker_logs)
-
-
 def trial_resources(spec: SweepSpec) -> TrialResources:
     r = spec.resources
     return TrialResources(driver_cpus=r.driver_cpus, num_workers=r.num_workers, cpus_per_worker=r.cpus_per_worker,
@@ -339,7 +332,7 @@ def run_sweep(plan: SweepPlan, *, retry_errored: bool = False, worker_logs: bool
               f"they are now", flush=True)
     elif resumed:
         state_seal.verify(plan.experiment_path)
-    init_ray(worker_logs)
+    init_ray(log_to_driver=worker_logs, tune=True)
     nodes = node_resources(ray.nodes())
     concurrency, note = max_concurrent_trials(trial_resources(plan.spec), nodes, plan.spec.max_concurrent_trials,
                                               plan.num_trials)
