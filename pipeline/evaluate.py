@@ -14,10 +14,12 @@ model's in_channels: 3 (RGB) or 1 (grey; the feature networks see it replicated 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +38,10 @@ from pipeline.datasets import dataset_input, shard_dataset
 from pipeline.diagnostics import atom_measures, first_stage_weight, initial_dictionaries, stage_measures
 from pipeline.features import EffNetLite0Features
 from pipeline.images import atom_tiles, luminance, recon_grid
-from pipeline.report import write_report
+from pipeline.report import REPORT_FILE, write_report
 from pipeline.tracking import RUN_NAME_TAG, existing_store_uri, find_run
 from sharding.manifest import read_manifest
+from sharding.storage import Destination, is_url
 from sharding.stream import describe_losses, make_eval_loader
 
 log = logging.getLogger(__name__)
@@ -221,10 +224,11 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
 
 
 def load_trained(source: str, tracking_uri: str = "") -> tuple[ExperimentConfig, nn.Module, nn.Module, str]:
-    """A checkpoint directory, a Ray run directory (newest checkpoint), or an MLflow run id whose
-    training run name leads to its checkpoints. Returns (config, encoder, decoder, description)."""
-    path = Path(source).expanduser()
-    if not path.exists():
+    """A checkpoint directory, a Ray run directory (newest checkpoint), either local or an fsspec URL
+    (s3://…), or an MLflow run id whose training run name leads to its checkpoints. Returns (config,
+    encoder, decoder, description)."""
+    path: str | Path = source if is_url(source) else Path(source).expanduser()
+    if not is_url(source) and not Path(path).exists():
         path = _checkpoint_of_mlflow_run(source, tracking_uri)
     latest, state = load_newest(path)  # the newest intact checkpoint; damaged ones are named
     if "config" not in state or "encoder" not in state:
@@ -240,7 +244,7 @@ def load_trained(source: str, tracking_uri: str = "") -> tuple[ExperimentConfig,
     return cfg, encoder, decoder, f"{latest} (step {state['step']})"
 
 
-def _checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
+def _checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -255,7 +259,7 @@ def _checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
     storage = params.get("run.storage_path")
     if not name or not storage:
         raise ValueError(f"MLflow run {run_id} was not written by `cscctrl train` (no run name tag)")
-    return Path(storage) / name
+    return f"{storage.rstrip('/')}/{name}"   # a local path or a URL (never Path: it would fold s3:// to s3:/)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,12 +335,13 @@ def _main(args: argparse.Namespace) -> int:
     if samples is not None:  # an exact pass: every sample the manifest lists was read or is counted as lost
         metrics["lost_samples"] = float(samples["lost"])
         report["samples"] = samples
-    out = Path(args.out) if args.out else Path(cfg.run.storage_path) / cfg.run.name / f"eval-{args.split}"
-
+    out = args.out or f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/eval-{args.split}"
     run = training_run(cfg, args.tracking_uri or cfg.tracking.uri)
-    path = write_report(out, report, encoder, decoder, test, cfg, history=training_history(*run) if run else None)
-    if run:
-        _log_eval_to_mlflow(*run, args, report, out, shard_dataset(data, args.split, "evaluation", manifest))
+    with report_folder(out) as (folder, publish):
+        write_report(folder, report, encoder, decoder, test, cfg, history=training_history(*run) if run else None)
+        path = publish()
+        if run:
+            _log_eval_to_mlflow(*run, args, report, folder, shard_dataset(data, args.split, "evaluation", manifest))
     print(json.dumps(report, indent=2))
     print(f"[cscctrl] report: {path}")
     if samples is not None and samples["lost"]:
@@ -345,6 +350,25 @@ def _main(args: argparse.Namespace) -> int:
               f"{'' if allowed else ' (--allow-lost-samples accepts the incomplete evaluation)'}", file=sys.stderr)
         return 0 if allowed else 1
     return 0
+
+
+@contextlib.contextmanager
+def report_folder(out: str) -> Iterator[tuple[Path, Callable[[], str]]]:
+    """(local folder to write the report in, publish() -> where report.html is). A local ``out`` is that
+    folder itself; a URL (s3://…) gets a temporary folder whose files publish() uploads through the
+    project's fsspec layer (sharding/storage.py), each file atomically."""
+    if not is_url(out):
+        folder = Path(out).expanduser()
+        yield folder, lambda: str(folder / REPORT_FILE)
+        return
+    dest = Destination(out)
+    with tempfile.TemporaryDirectory(prefix="cscctrl-eval-") as tmp:
+        def publish() -> str:
+            dest.makedirs()
+            dest.upload_folder(tmp)
+            return dest.url_of(REPORT_FILE)
+
+        yield Path(tmp), publish
 
 
 def training_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str] | None:

@@ -24,9 +24,10 @@ from pipeline.demo import ensure_demo_shards  # to become sharding.ensure.ensure
 from pipeline.ray_init import init_ray
 from pipeline.resume import check_resume
 from pipeline.sizes import check_worker_memory, host_memory_bytes
-from pipeline.tracking import _is_remote, check_reachable, resolve_tracking_uri
+from pipeline.tracking import check_reachable, resolve_tracking_uri
 from pipeline.worker import train_loop_per_worker
 from sharding.manifest import ManifestError, read_manifest
+from sharding.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     """Fill what the workers must agree on (run name, absolute storage, tracking URI, class count) and
     fail here, before any worker starts, on anything that would fail later."""
     run, data, tracking, objective = cfg.run, cfg.data, cfg.tracking, cfg.objective
-    storage = run.storage_path if _is_remote(run.storage_path) else str(Path(run.storage_path).expanduser().resolve())
+    storage = run.storage_path if is_url(run.storage_path) else str(Path(run.storage_path).expanduser().resolve())
     run = dataclasses.replace(run, storage_path=storage)
     cfg = dataclasses.replace(cfg, run=run)
     if not data.synthetic:

@@ -32,6 +32,7 @@ from pipeline.model_export import input_example, log_autoencoder
 from pipeline.outbox import Outbox, bounded_http_requests, png_item, restore_environment
 from pipeline.redact import redact, redact_tree
 from pipeline.system_metrics import SystemMetrics
+from sharding.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,12 @@ RUN_NAME_TAG = "cscctrl.run_name"
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite store beside the checkpoints."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         return uri
-    if _is_remote(cfg.run.storage_path):
+    if is_url(cfg.run.storage_path):
         raise ConfigError(
             f"run.storage_path={cfg.run.storage_path!r} is remote, so the default local MLflow store cannot "
             f"live beside it: set tracking.uri (e.g. http://127.0.0.1:5000 on the head node)")

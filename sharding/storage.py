@@ -49,6 +49,12 @@ def split_protocol(url: str) -> str:
     return protocol or "file"
 
 
+def is_url(path: str | Path) -> bool:
+    """True for a URL of another file system than this machine's (s3://, gs://, memory://, ...): what the
+    project's code must reach through fsspec, never through pathlib. A plain path or file:// is local."""
+    return split_protocol(str(path)) not in ("file", "local")
+
+
 def check_protocol(url: str) -> None:
     """Fail, naming the scheme, when fsspec has no backend for `url` (before any work is done)."""
     protocol = split_protocol(url)
@@ -132,6 +138,18 @@ class Destination:
         except FileNotFoundError:
             return None
 
+    def exists(self, name: str = "") -> bool:
+        return self.fs.exists(self._fresh(name))
+
+    def listdirs(self, name: str = "") -> list[str]:
+        """Base names of the folders directly under `name` ([] when it does not exist)."""
+        self._fresh(name)
+        try:
+            entries = self.fs.ls(self.path(name), detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
     def listdir(self, name: str = "") -> list[str]:
         """Base names directly under `name` ([] when it does not exist)."""
         self._fresh(name)
@@ -200,6 +218,16 @@ class Destination:
             self.fs.pipe_file(self.path(name), data)
         if not keep:
             self.remove(name)
+
+    def upload_folder(self, local: str | Path, name: str = "") -> list[str]:
+        """Every file under the local folder ``local`` to ``name`` (keeping sub-folders), each file atomically;
+        returns the names written. Reports and summaries are built in a local folder, then published."""
+        written = []
+        for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            target = f"{name.rstrip('/')}/{f.relative_to(local).as_posix()}" if name else f.relative_to(local).as_posix()
+            self.write_bytes_atomic(target, f.read_bytes())
+            written.append(target)
+        return written
 
     def remove(self, name: str) -> None:
         try:

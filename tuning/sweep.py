@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import yaml
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
@@ -37,6 +36,7 @@ from pipeline.launch import build_trainer, prepare, repair_checkpoints, with_com
 from pipeline.ray_init import init_ray
 from pipeline.tracking import MLflowTracker, find_run
 from sharding.manifest import read_manifest
+from sharding.storage import Destination
 from tuning import analysis, state_seal
 from tuning.resources import ResourceError, TrialResources, max_concurrent_trials, node_resources
 from tuning.spaces import (PRESETS, Dimension, apply_point, describe_space, grid_size, overrides_from_trial,
@@ -410,11 +410,11 @@ def summarize(plan: SweepPlan, tracker: Any) -> SweepOutcome:
 
 
 def copy_summary(src: Path, dest: str) -> None:
-    """The summary files to storage (a local path or any fsspec URL)."""
-    fs, root = fsspec.core.url_to_fs(dest)
-    fs.makedirs(root, exist_ok=True)
-    for f in sorted(src.iterdir()):
-        fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
+    """The summary files to storage (a local path or any fsspec URL), each file atomically
+    (sharding/storage.py)."""
+    loc = Destination(dest)
+    loc.makedirs()
+    loc.upload_folder(src)
 
 
 def log_summary(tracker: Any, files: Path, best: analysis.TrialRow | None, metric: str, complete: bool) -> None:
