@@ -2,8 +2,8 @@
 No Ray, MLflow, WebDataset or file I/O.
 
 Builders (the only place a ModelConfig becomes modules; models/build.py):
-    build_encoder(cfg) -> CSCEncoder            f
-    build_decoder(cfg, encoder) -> CSCDecoder   g (the encoder is needed when cfg.decoder_dictionaries == "tied")
+    build_encoder(cfg) -> Encoder            f
+    build_decoder(cfg, encoder) -> Decoder   g (the encoder is needed when cfg.decoder_dictionaries == "tied")
     build_models(cfg) -> (encoder, decoder)     initialised as cfg.init and cfg.decoder_bn_gamma say (models/init.py)
     create_model(name) -> (encoder, decoder)    from a named preset (models/presets.py)
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from models.build import build_decoder, build_encoder, build_models
 from models.config import ModelConfig
-from models.decoder import CSCDecoder
-from models.encoder import CSCEncoder
+from models.decoder import Decoder
+from models.encoder import Encoder
 from models.presets import create_model, list_presets, preset_config
 
 __all__ = [
-    "CSCDecoder",
-    "CSCEncoder",
+    "Decoder",
+    "Encoder",
     "ModelConfig",
     "build_decoder",
     "build_encoder",

@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 from models.config import ModelConfig
-from models.decoder import CSCDecoder
-from models.encoder import CSCEncoder
+from models.decoder import Decoder
+from models.encoder import Encoder
 from models.init import init_models_
 
 
-def build_encoder(cfg: ModelConfig) -> CSCEncoder:
+def build_encoder(cfg: ModelConfig) -> Encoder:
     """The encoder f of ``cfg``."""
-    return CSCEncoder(cfg)
+    return Encoder(cfg)
 
 
-def build_decoder(cfg: ModelConfig, encoder: CSCEncoder | None = None) -> CSCDecoder:
+def build_decoder(cfg: ModelConfig, encoder: Encoder | None = None) -> Decoder:
     """The decoder g of ``cfg``; a tied decoder synthesises with ``encoder``'s dictionaries."""
-    return CSCDecoder(cfg, encoder)
+    return Decoder(cfg, encoder)
 
 
-def build_models(cfg: ModelConfig) -> tuple[CSCEncoder, CSCDecoder]:
+def build_models(cfg: ModelConfig) -> tuple[Encoder, Decoder]:
     """(encoder, decoder) of ``cfg``, tied through the encoder's dictionaries when the config says so."""
     encoder = build_encoder(cfg)
     decoder = build_decoder(cfg, encoder)

@@ -22,8 +22,8 @@ from models.build import build_models
 from models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from models.decoder import CSCDecoder
-    from models.encoder import CSCEncoder
+    from models.decoder import Decoder
+    from models.encoder import Encoder
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
@@ -62,7 +62,7 @@ def preset_config(name: str) -> ModelConfig:
     return cfg
 
 
-def create_model(name: str) -> tuple[CSCEncoder, CSCDecoder]:
+def create_model(name: str) -> tuple[Encoder, Decoder]:
     """(encoder, decoder) of the preset ``name``."""
     return build_models(preset_config(name))
 

@@ -37,7 +37,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.datasets import dataset_input, shard_dataset
 from pipeline.diagnostics import atom_measures, first_stage_weight, initial_dictionaries, stage_measures
 from pipeline.features import EffNetLite0Features
-from pipeline.images import atom_tiles, luminance, recon_grid
+from pipeline.pictures import atom_tiles, luminance, recon_grid
 from pipeline.report import REPORT_FILE, write_report
 from pipeline.tracking import RUN_NAME_TAG, existing_store_uri, find_run
 from sharding.manifest import read_manifest

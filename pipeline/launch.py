@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        cfg = prepare(cfg)
+        cfg = resolve_run_config(cfg)
     except (ConfigError, FileNotFoundError, ConnectionError, ValueError) as e:
         print(f"cscctrl train: error: {e}", file=sys.stderr)
         return 2
@@ -72,7 +72,7 @@ def default_run_name(cfg: ExperimentConfig) -> str:
     return f"ctrl-{cfg.model.image_size}px-{cfg.objective.mode}-{content_hash(config_identity(cfg))}"
 
 
-def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
+def resolve_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """Fill what the workers must agree on (run name, absolute storage, tracking URI, class count) and
     fail here, before any worker starts, on anything that would fail later."""
     run, data, tracking, objective = cfg.run, cfg.data, cfg.tracking, cfg.objective
@@ -100,6 +100,10 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
         check_worker_memory(cfg, host_memory_bytes())
     check_resume(cfg)
     return cfg
+
+
+# pipeline/workflow.py still imports the old name; it goes once the workflow package calls resolve_run_config.
+prepare = resolve_run_config
 
 
 def check_shards(url: str, split: str, image_size: int, eval_split: str = "") -> Any:
@@ -184,7 +188,7 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> 
 
 
 def run_training(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> Any:
-    """Fit the run described by a prepared config; returns Ray's Result, or None when training failed
+    """Fit the run described by a resolved config (``resolve_run_config``); returns Ray's Result, or None when training failed
     (the error is printed, naming what failed)."""
     import ray.train
 

@@ -29,7 +29,7 @@ from pipeline import metrics as M
 from pipeline.applied_model import MODEL_HELP, load_applied_model, pick_device
 from pipeline.encode import write_refused
 from pipeline.image_files import image_batches, list_images
-from pipeline.images import recon_grid, save_png, tile, to_uint8
+from pipeline.pictures import recon_grid, save_png, tile, to_uint8
 
 HELP_EPILOG = """\
 examples:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.diagnostics import first_stage_weight
-from pipeline.images import (atom_tiles, code_activation_maps, curves_plot, luminance, recon_grid, save_png,
+from pipeline.pictures import (atom_tiles, code_activation_maps, curves_plot, luminance, recon_grid, save_png,
                              sparsity_histogram)
 
 REPORT_FILE = "report.html"

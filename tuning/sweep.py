@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
-from pipeline.launch import build_trainer, prepare, repair_checkpoints, with_command
+from pipeline.launch import build_trainer, repair_checkpoints, resolve_run_config, with_command
 from pipeline.ray_init import init_ray
 from pipeline.tracking import MLflowTracker, find_run
 from sharding.manifest import read_manifest
@@ -67,7 +67,7 @@ Running the same sweep again resumes it. Space presets: {presets} (tuning/spaces
 
 @dataclass
 class SweepPlan:
-    """Everything decided before Ray starts: a checked spec, the prepared base config, the space."""
+    """Everything decided before Ray starts: a checked spec, the resolved base config (resolve_run_config), the space."""
 
     spec: SweepSpec
     name: str
@@ -182,7 +182,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     base = load_config(spec.config or None, {**spec.base, **spec.resources.scaling_overrides()})
     dims = parse_space(resolve_space(spec.space), base)
     param_space = to_param_space(dims, spec.search)
-    base = prepare(base)
+    base = resolve_run_config(base)
     splits = None
     if not base.data.synthetic:
         splits = list(read_manifest(base.data.shards).splits)
