@@ -62,6 +62,8 @@ def parse_value(raw: str) -> Any:
         return raw
     if value is None and raw not in NULL_WORDS:
         return raw   # '#...' is a comment to YAML, but a string here
+    if isinstance(value, (dict, list)) and not raw.startswith(("{", "[")):
+        return raw   # block YAML ('a: b', '- a') is never meant on a command line: '/data/x: y' is a path
     if isinstance(value, str) and raw.startswith("(") and raw.endswith(")"):
         try:
             literal = ast.literal_eval(raw)

@@ -98,6 +98,8 @@ def test_parse_override_values():
     assert parse_override("a.b=null") == ("a.b", None)
     assert parse_override("a.b=none") == ("a.b", "none")
     assert parse_override("a.b=x: y: z") == ("a.b", "x: y: z")
+    assert parse_override("data.shards=/data/set: 2") == ("data.shards", "/data/set: 2")
+    assert parse_override("a.b=- x") == ("a.b", "- x")
     with pytest.raises(ConfigError, match="not of the form"):
         parse_override("novalue")
 
