@@ -208,7 +208,7 @@ def describe_cycle(cycle: list[str], imports: list[Import]) -> str:
     return "cycle: " + "; ".join(steps)
 
 
-def test_the_reader_sees_top_level_in_function_and_relative_imports(tmp_path):
+def test_the_reader_sees_top_level_in_function_and_relative_imports():
     """The checks below can only fail if the reader finds the imports: check it on known lines."""
     imports, external = read_imports()
     found = {(i.importer, i.target) for i in imports}
