@@ -133,7 +133,9 @@ def s3_endpoint():
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by spawned writer processes and loader workers
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("shards-bucket")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    if not fs.exists("shards-bucket"):  # moto keeps its buckets per process, across servers
+        fs.mkdir("shards-bucket")
     yield env
     for k, v in saved.items():
         if v is None:
