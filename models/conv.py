@@ -5,8 +5,8 @@ strides, paddings, widths, BatchNorm, activations, normalisation of z onto the s
 with every CSC stage replaced by an ordinary convolution and every synthesis stage by an ordinary
 transposed convolution. Comparing the two on the same data and budget isolates what convolutional sparse
 coding adds (issue #7 item 4). The layers below have the interface the encoder and decoder call on
-``models.csc.CSCLayer`` / ``SynthesisLayer`` (``prepare``, ``solve`` / ``synthesize``, ``weight``,
-``num_atoms``, ``out_channels``): only the construction (``make_csc_layer``, ``make_synthesis_layer``)
+``models.csc.CSCLayer`` / ``SynthesisLayer`` (``update_atoms``, ``solve`` / ``synthesize``, ``weight``,
+``num_atoms``, ``out_channels``): only the construction (``make_analysis_layer``, ``make_synthesis_layer``)
 looks at ``layer``, the forward passes are the same code.
 
 | CSC stage (models/csc.py)                              | this module                                   |
@@ -77,7 +77,7 @@ class ConvLayer(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}")
 
-    def prepare(self, size: tuple[int, int]) -> None:
+    def update_atoms(self, size: tuple[int, int]) -> None:
         """Nothing to bring up to date (no atoms to project, no step size): the encoder calls it on every layer."""
 
     def solve(self, x: Tensor) -> Tensor:
@@ -113,7 +113,7 @@ class ConvTransposeLayer(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}")
 
-    def prepare(self) -> None:
+    def update_atoms(self) -> None:
         """Nothing to bring up to date (the weights are not normalised): the decoder calls it on every layer."""
 
     def synthesize(self, z: Tensor, out_size: int | tuple[int, int]) -> Tensor:

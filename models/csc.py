@@ -37,7 +37,7 @@ and a warm start (``power_iters_warm`` fixed steps, no host synchronisation) in 
 dictionary changed. ``forward`` refreshes by itself when the weight's autograd version counter moved
 (an optimizer step or ``load_state_dict`` bumps it) and never touches an unchanged weight, so the layer
 can be applied twice in one autograd graph (Z = f(X) and Ẑ = f(X̂)). The encoder and decoder run this
-bookkeeping (``prepare``) for all their layers at the top of their forward and then call the pure tensor
+bookkeeping (``update_atoms``) for all their layers at the top of their forward and then call the pure tensor
 parts (``solve``, ``synthesize``), so torch.compile sees each network as one graph.
 """
 from __future__ import annotations
@@ -194,13 +194,13 @@ class CSCLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Eq. (3): n unrolled proximal-gradient steps from z⁰ = 0. x (b, C, H, W) → z (b, M, H_z, W_z).
-        Brings atoms and step size up to date first (``prepare``)."""
-        self.prepare(self.check_input(x))
+        Brings atoms and step size up to date first (``update_atoms``)."""
+        self.update_atoms(self.check_input(x))
         return self.solve(x)
 
     def solve(self, x: Tensor) -> Tensor:
-        """Eq. (3) alone, for callers that ran ``prepare`` themselves: the encoder prepares all its layers
-        once per forward, so that under torch.compile its stages form one graph (``prepare`` is Python
+        """Eq. (3) alone, for callers that ran ``update_atoms`` themselves: the encoder updates the atoms of all its layers
+        once per forward, so that under torch.compile its stages form one graph (``update_atoms`` is Python
         bookkeeping that dynamo leaves out of the graph)."""
         size = (int(x.shape[-2]), int(x.shape[-1]))
         eta = self.step_size
@@ -237,7 +237,7 @@ class CSCLayer(nn.Module):
     # ---- dictionary maintenance (outside autograd) ----
 
     @torch.compiler.disable  # Python-side bookkeeping: runs eagerly under torch.compile
-    def prepare(self, size: tuple[int, int]) -> None:
+    def update_atoms(self, size: tuple[int, int]) -> None:
         """Bring atoms and L up to date for inputs of spatial ``size`` (H, W): a cold start if the size is
         new, ``refresh()`` if the weight changed since the last refresh, else nothing. Only touches the
         weight if it changed. A no-op while torch.export traces the model (saving it, e.g. for MLflow): the
@@ -360,17 +360,17 @@ class SynthesisLayer(nn.Module):
         """x = A z with unit-norm atoms (projected first if they changed): z (b, M, h, w) → (b, C, *out_size)."""
         if z.dim() != 4 or z.shape[1] != self.num_atoms:
             raise ValueError(f"SynthesisLayer expects z of shape (b, {self.num_atoms}, h, w), got {tuple(z.shape)}")
-        self.prepare()
+        self.update_atoms()
         return self.synthesize(z, out_size)
 
     def synthesize(self, z: Tensor, out_size: int | tuple[int, int]) -> Tensor:
-        """A z alone, for callers that ran ``prepare`` themselves (the decoder, once per forward)."""
+        """A z alone, for callers that ran ``update_atoms`` themselves (the decoder, once per forward)."""
         return synthesize_with(z, self.dictionary, out_size, self.stride, self.padding)
 
     @torch.compiler.disable  # Python-side bookkeeping: runs eagerly under torch.compile
-    def prepare(self) -> None:
+    def update_atoms(self) -> None:
         """Project the atoms only if they changed since the last projection (never an unchanged weight).
-        A no-op while torch.export traces the model (as ``CSCLayer.prepare``)."""
+        A no-op while torch.export traces the model (as ``CSCLayer.update_atoms``)."""
         if torch.compiler.is_exporting():
             return
         if self._tied_to is not None:
@@ -384,7 +384,7 @@ class SynthesisLayer(nn.Module):
         """Unit-norm projection of the atoms. Tied: refreshes the owning CSCLayer, and only if its atoms
         changed since its own last refresh (the encoder's optimizer owns them)."""
         if self._tied_to is not None:
-            self.prepare()
+            self.update_atoms()
             return
         project_atoms_(self.weight)
         self._refreshed_version = self.weight._version

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from models.config import ModelConfig
 from models.conv import ConvTransposeLayer
 from models.csc import CSCLayer, SynthesisLayer
-from models.encoder import CSCEncoder, encoder_widths
+from models.encoder import Encoder, encoder_widths
 
 
 def make_synthesis_layer(cfg: ModelConfig, num_atoms: int, out_channels: int, kernel_size: int, stride: int,
@@ -36,7 +36,7 @@ def make_synthesis_layer(cfg: ModelConfig, num_atoms: int, out_channels: int, ke
 
 
 class DecoderStage(nn.Module):
-    """Synthesis to an explicit output size → (BatchNorm → ReLU | Tanh). The owning decoder prepares the
+    """Synthesis to an explicit output size → (BatchNorm → ReLU | Tanh). The owning decoder updates the atoms of the
     synthesis layer (unit-norm atoms) before calling it."""
 
     def __init__(self, synthesis: SynthesisLayer | ConvTransposeLayer, out_size: int, last: bool) -> None:
@@ -50,17 +50,18 @@ class DecoderStage(nn.Module):
         return self.act(self.norm(self.synthesis.synthesize(z, self.out_size)))
 
 
-class CSCDecoder(nn.Module):
-    """g: features z (b, nz) → images x̂ (b, C, S, S) in [−1, 1]."""
+class Decoder(nn.Module):
+    """g: features z (b, nz) → images x̂ (b, C, S, S) in [−1, 1]; its stages synthesise with CSC dictionaries
+    or, with model.layer=conv, transposed convolutions (``make_synthesis_layer``)."""
 
-    def __init__(self, cfg: ModelConfig, encoder: CSCEncoder | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, encoder: Encoder | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         tied = cfg.decoder_dictionaries == "tied"
         if tied:
-            if not isinstance(encoder, CSCEncoder):
+            if not isinstance(encoder, Encoder):
                 raise ValueError("decoder_dictionaries='tied' needs the encoder whose dictionaries the decoder "
-                                 f"reuses: pass CSCDecoder(cfg, encoder), got encoder={type(encoder).__name__}")
+                                 f"reuses: pass Decoder(cfg, encoder), got encoder={type(encoder).__name__}")
             if cfg.decoder_width != cfg.ndf:
                 raise ValueError(f"decoder_dictionaries='tied' needs ngf == ndf (the decoder reuses the encoder's "
                                  f"dictionaries), got ngf={cfg.ngf}, ndf={cfg.ndf}")
@@ -96,16 +97,16 @@ class CSCDecoder(nn.Module):
         return [stage.synthesis for stage in self.stages]
 
     @torch.compiler.disable  # Python-side bookkeeping, once per forward: the stages then form one graph
-    def prepare(self) -> None:
+    def update_atoms(self) -> None:
         """Project every dictionary whose atoms changed (a tied one through its encoder layer)."""
         for layer in self.synthesis_layers():
-            layer.prepare()
+            layer.update_atoms()
 
     def forward(self, z: Tensor) -> Tensor:
         """x̂ = g(z): z (b, nz) → x̂ (b, C, S, S) in [−1, 1]."""
         if z.dim() != 2 or z.shape[1] != self.cfg.nz:
             raise ValueError(f"decoder expects z of shape (b, {self.cfg.nz}), got {tuple(z.shape)}")
-        self.prepare()
+        self.update_atoms()
         h = z[:, :, None, None]
         for stage in self.stages:
             h = stage(h)

@@ -25,9 +25,9 @@ LEAKY_SLOPE = 0.2
 """Negative slope of the encoder's LeakyReLU (DCGAN discriminator pattern of the authors' prototype)."""
 
 
-def make_csc_layer(cfg: ModelConfig, in_channels: int, num_atoms: int, kernel_size: int, stride: int,
-                   padding: int, lam: float, nonneg: bool | None = None,
-                   n_steps: int | None = None) -> CSCLayer | ConvLayer:
+def make_analysis_layer(cfg: ModelConfig, in_channels: int, num_atoms: int, kernel_size: int, stride: int,
+                        padding: int, lam: float, nonneg: bool | None = None,
+                        n_steps: int | None = None) -> CSCLayer | ConvLayer:
     """An encoder layer of ``cfg.layer``: a CSCLayer with the solver settings of ``cfg`` (the one place they
     are read), or for the baseline ``cfg.layer == "conv"`` a ConvLayer of the same shape (no solver)."""
     if cfg.layer == "conv":
@@ -45,7 +45,7 @@ def encoder_widths(cfg: ModelConfig, base: int) -> list[int]:
 
 class EncoderStage(nn.Module):
     """CSC → (BatchNorm) → LeakyReLU(0.2); returns the activation and the sparse code (the conv output for
-    the baseline). The owning encoder prepares the CSC layer (atoms, step size) before calling it."""
+    the baseline). The owning encoder updates the CSC layer's atoms and step size before calling it."""
 
     def __init__(self, csc: CSCLayer | ConvLayer, batch_norm: bool) -> None:
         super().__init__()
@@ -58,8 +58,9 @@ class EncoderStage(nn.Module):
         return self.act(self.norm(code)), code
 
 
-class CSCEncoder(nn.Module):
-    """f: images (b, C, S, S) in [−1, 1] → features z (b, nz) with ‖zᵢ‖₂ = 1."""
+class Encoder(nn.Module):
+    """f: images (b, C, S, S) in [−1, 1] → features z (b, nz) with ‖zᵢ‖₂ = 1; its stages are CSC layers or,
+    with model.layer=conv, plain convolutions (``make_analysis_layer``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -68,7 +69,7 @@ class CSCEncoder(nn.Module):
         stages = []
         channels = cfg.in_channels
         for i, width in enumerate(encoder_widths(cfg, cfg.ndf)):
-            csc = make_csc_layer(cfg, channels, width, kernel_size=4, stride=2, padding=1, lam=lams[i],
+            csc = make_analysis_layer(cfg, channels, width, kernel_size=4, stride=2, padding=1, lam=lams[i],
                                  n_steps=steps[i])
             # Stage 1 has no BatchNorm. With non-negative codes its LeakyReLU is the identity (codes ≥ 0);
             # it matters when cfg.nonneg is False.
@@ -76,7 +77,7 @@ class CSCEncoder(nn.Module):
             channels = width
         self.stages = nn.ModuleList(stages)
         # Valid kernel of the remaining side: (final, final) → 1×1 with nz atoms.
-        self.final = make_csc_layer(cfg, channels, cfg.nz, kernel_size=resolutions[-1], stride=1, padding=0,
+        self.final = make_analysis_layer(cfg, channels, cfg.nz, kernel_size=resolutions[-1], stride=1, padding=0,
                                     lam=lams[-1], nonneg=cfg.nonneg and cfg.nonneg_features, n_steps=steps[-1])
 
     def csc_layers(self) -> list[CSCLayer | ConvLayer]:
@@ -99,7 +100,7 @@ class CSCEncoder(nn.Module):
         """z, the code z_l of every CSC stage and the input h_{l−1} that stage l coded (h₀ = x), so that
         h_{l−1} ≈ A_l z_l can be measured (residuals) and learned (the dictionary loss)."""
         self._check_input(x)
-        self.prepare()
+        self.update_atoms()
         codes, inputs = [], []
         h = x
         for stage in self.stages:
@@ -112,11 +113,11 @@ class CSCEncoder(nn.Module):
         return F.normalize(code.flatten(1), dim=1), codes, inputs
 
     @torch.compiler.disable  # Python-side bookkeeping, once per forward: the stages then form one graph
-    def prepare(self) -> None:
+    def update_atoms(self) -> None:
         """Bring every CSC layer's atoms and step size up to date for its input size (cfg.resolutions)."""
         sizes = self.cfg.resolutions  # stage i reads resolutions[i]; the final stage reads resolutions[-1]
         for layer, size in zip(self.csc_layers(), sizes[:-1] + sizes[-1:]):
-            layer.prepare((size, size))
+            layer.update_atoms((size, size))
 
     def _check_input(self, x: Tensor) -> None:
         c, s = self.cfg.in_channels, self.cfg.image_size

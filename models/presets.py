@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from models.build import build_models
 from models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from models.decoder import CSCDecoder
-    from models.encoder import CSCEncoder
+    from models.decoder import Decoder
+    from models.encoder import Encoder
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
@@ -61,10 +62,8 @@ def preset_config(name: str) -> ModelConfig:
     return cfg
 
 
-def create_model(name: str) -> tuple[CSCEncoder, CSCDecoder]:
+def create_model(name: str) -> tuple[Encoder, Decoder]:
     """(encoder, decoder) of the preset ``name``."""
-    from models import build_models  # models/__init__ imports this module
-
     return build_models(preset_config(name))
 
 

@@ -13,8 +13,7 @@ Notation (paper → code):
 | Πⱼ, class membership         | ``labels`` (n,) int in [0, k)  | one-hot weights built on the device, no (k, n, n)    |
 | Z Zᵀ, Zⱼ Zⱼᵀ                 | ``gram``, ``grams`` (k, d, d)  | sums over samples: all-reducible across ranks        |
 | n, nⱼ                        | ``n``, ``counts`` (k,)         | float tensors                                        |
-| R, R_c, ΔR                   | ``coding_rate``, ``class_coding_rate``, ``rate_reduction`` |                          |
-| ΔR(Z, Ẑ)                     | ``pair_rate_reduction``        | R(Z ∪ Ẑ) − ½R(Z) − ½R(Ẑ)                             |
+| R, R_c, ΔR(Z|Π), ΔR(Z, Ẑ)    | ``coding_rate_from_gram``; the ΔR terms: models/ctrl.py ``ctrl_objective`` (the one implementation) |
 
 Equations (α = d / (n ε²), αⱼ = d / (nⱼ ε²)):
 
@@ -25,8 +24,7 @@ Equations (α = d / (n ε²), αⱼ = d / (nⱼ ε²)):
 
 Everything depends on z only through (gram, n), so the distributed trainer sums per-rank statistics before
 the logdets and these functions never communicate. All logdets of one call go through one batched Cholesky
-in ≥ fp32 with autocast off; nothing here synchronises host and device except the documented checks of the
-convenience API (``check_labels``, inferring the number of classes). Gram formulation only: the n < d
+in ≥ fp32 with autocast off; nothing here synchronises host and device except ``check_labels``. Gram formulation only: the n < d
 identity logdet(I_d + α ZZᵀ) = logdet(I_n + α ZᵀZ) needs the raw samples, which the all-reduced statistics
 no longer hold.
 """
@@ -38,10 +36,6 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-
-DEFAULT_EPS_SQ = 0.5
-"""ε² of the coding rate (CTRL's EPS = 0.5 is ε²)."""
-
 
 # ----------------------------------------------------------------------------------------------
 # Numerics: fp32 island, log-determinant
@@ -98,13 +92,6 @@ def coding_rate_from_gram(gram: Tensor, n: Tensor | float, eps_sq: float) -> Ten
         alpha = d / (n.clamp(min=1.0) * eps_sq)  # α = d / (n ε²)
         eye = torch.eye(d, dtype=dtype, device=gram.device)
         return 0.5 * logdet_spd(eye + alpha[..., None, None] * gram.to(dtype))
-
-
-def gram(z: Tensor) -> Tensor:
-    """Z Zᵀ of the paper = zᵀz (d, d) for rows z (n, d), in ≥ fp32 with autocast off."""
-    with autocast_off(z):
-        z = z.to(stat_dtype(z))
-        return z.T @ z
 
 
 def class_gram(z: Tensor, labels: Tensor, num_classes: int, tf32: bool = False) -> tuple[Tensor, Tensor]:
@@ -178,66 +165,6 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise ValueError(f"labels must be in [0, {num_classes}), got values in [{low}, {high}]")
-
-
-# ----------------------------------------------------------------------------------------------
-# Convenience API on samples (rows of z are samples)
-# ----------------------------------------------------------------------------------------------
-
-
-def coding_rate(z: Tensor, eps_sq: float = DEFAULT_EPS_SQ) -> Tensor:
-    """R(Z) = ½ logdet(I_d + d/(n ε²) · Z Zᵀ) for z (n, d)."""
-    validate_samples(z)
-    validate_eps_sq(eps_sq)
-    return coding_rate_from_gram(gram(z), float(z.shape[0]), eps_sq)
-
-
-def _class_rates(z: Tensor, labels: Tensor, eps_sq: float, num_classes: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(R(Z), Rⱼ = R(Zⱼ) per class (k,), nⱼ / n (k,)) with all logdets in one batched Cholesky."""
-    validate_samples(z)
-    validate_eps_sq(eps_sq)
-    validate_label_shape(labels, z.shape[0])
-    k = num_classes if num_classes is not None else (int(labels.max()) + 1 if labels.numel() else 1)  # sync
-    check_labels(labels, k)
-    grams, counts = class_gram(z, labels, k)
-    n = counts.sum()
-    # Row 0: the whole batch (Σⱼ Gⱼ = zᵀz, Σⱼ nⱼ = n); rows 1..k: the classes.
-    rates = coding_rate_from_gram(torch.cat([grams.sum(0, keepdim=True), grams]),
-                                  torch.cat([n[None], counts]), eps_sq)
-    return rates[0], rates[1:], counts / n.clamp(min=1.0)
-
-
-def class_coding_rate(z: Tensor, labels: Tensor, eps_sq: float = DEFAULT_EPS_SQ,
-                      num_classes: int | None = None) -> Tensor:
-    """R_c(Z|Π) = Σⱼ (nⱼ / n) · ½ logdet(I_d + d/(nⱼ ε²) · Zⱼ Zⱼᵀ). z (n, d), labels (n,) int in [0, k);
-    k = num_classes, or max(labels) + 1 when None (host sync). Validates labels (host sync)."""
-    _, class_rates, weights = _class_rates(z, labels, eps_sq, num_classes)
-    return (weights * class_rates).sum()
-
-
-def rate_reduction(z: Tensor, labels: Tensor, eps_sq: float = DEFAULT_EPS_SQ,
-                   num_classes: int | None = None) -> Tensor:
-    """ΔR(Z|Π) = R(Z) − R_c(Z|Π) ≥ 0 (concavity of logdet). Same arguments as ``class_coding_rate``."""
-    rate, class_rates, weights = _class_rates(z, labels, eps_sq, num_classes)
-    return rate - (weights * class_rates).sum()
-
-
-def pair_rate_reduction(z: Tensor, z_hat: Tensor, eps_sq: float = DEFAULT_EPS_SQ) -> Tensor:
-    """ΔR(Z, Ẑ) = R(Z ∪ Ẑ) − ½ R(Z) − ½ R(Ẑ) for two equal-size sets z, z_hat (n, d).
-
-    The union's statistics are sums: Gram zᵀz + ẑᵀẑ, count 2n. (CTRL's code writes ½R as
-    0.25·logdet: ½ for the average of the two sets times the ½ inside R.)
-    """
-    validate_samples(z)
-    validate_samples(z_hat, "z_hat")
-    if z.shape != z_hat.shape:
-        raise ValueError(f"pair_rate_reduction expects z and z_hat of the same shape (n, d), got "
-                         f"{tuple(z.shape)} and {tuple(z_hat.shape)}")
-    validate_eps_sq(eps_sq)
-    g, g_hat = gram(z), gram(z_hat)
-    n = torch.full((), float(z.shape[0]), dtype=g.dtype, device=g.device)
-    r = coding_rate_from_gram(torch.stack([g, g_hat, g + g_hat]), torch.stack([n, n, 2 * n]), eps_sq)
-    return r[2] - 0.5 * r[0] - 0.5 * r[1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.export.passes import move_to_device_pass
+
+from pipeline.evaluate import load_trained
+from pipeline.model_export import FEATURES_FILE, Autoencoder, FeatureExtractor
+from pipeline.tracking import logged_model_uri, tracking_uri_set_to
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +122,6 @@ def load_applied_model(source: str, *, device: torch.device, tracking_uri: str =
 
 
 def _from_checkpoint(source: str, device: torch.device, uri: str = "") -> AppliedModel:
-    from pipeline.evaluate import load_trained
-    from pipeline.model_export import Autoencoder, FeatureExtractor
-
     cfg, encoder, decoder, desc = load_trained(source, uri)
     encoder, decoder = encoder.to(device).eval(), decoder.to(device).eval()
     return AppliedModel(cfg.model.image_size, cfg.model.in_channels, desc, device,
@@ -140,8 +142,6 @@ def _from_run(source: str, uri: str, device: torch.device) -> AppliedModel:
         checkpoint_error = e
     from mlflow import MlflowClient
 
-    from pipeline.workflow import logged_model_uri
-
     run_id = source.removeprefix("runs:/").split("/")[0]
     try:
         model_uri = logged_model_uri(MlflowClient(uri), run_id)
@@ -161,8 +161,6 @@ def _from_run(source: str, uri: str, device: torch.device) -> AppliedModel:
 def _from_mlflow_uri(source: str, uri: str, device: torch.device) -> AppliedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking import tracking_uri_set_to
 
     if not uri:
         raise ModelSourceError(f"MODEL {source!r} is in an MLflow store, but none is named: pass --tracking-uri "
@@ -198,8 +196,6 @@ def _source_run_id(source: str, uri: str) -> str:
 def _from_model_dir(local: Path, source: str, device: torch.device, *, run_id: str, uri: str) -> AppliedModel:
     """A model folder as pipeline/model_export.py logs it."""
     from mlflow.models import Model
-
-    from pipeline.model_export import FEATURES_FILE
 
     mlmodel = Model.load(str(local / "MLmodel"))
     flavor = mlmodel.flavors.get("pytorch")
@@ -249,8 +245,6 @@ def _program(path: Path, device: torch.device) -> Callable[..., Any]:
     """A torch.export program as a callable on ``device`` (moved by torch.export's own device pass)."""
     program = torch.export.load(str(path))
     if device.type != "cpu":
-        from torch.export.passes import move_to_device_pass
-
         program = move_to_device_pass(program, device)
     return program.module()
 

@@ -24,16 +24,17 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import fsspec
 import torch
 
 from models.config import ARCHITECTURE_KEYS, ModelConfig
-
+from sharding.storage import Destination, is_url
 
 STATE_FILE = "state.pt"
 RECORD_FILE = "checkpoint.json"
@@ -51,8 +52,14 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+def _location(path: str | Path) -> Destination:
+    """The checkpoint path as the one fsspec location type of the project (sharding/storage.py)."""
+    return Destination(str(path))
+
+
 def _fs(path: str | Path) -> tuple[Any, str]:
-    return fsspec.core.url_to_fs(str(path))
+    loc = _location(path)
+    return loc.fs, loc.root
 
 
 def _join(directory: str | Path, name: str) -> str:
@@ -60,13 +67,7 @@ def _join(directory: str | Path, name: str) -> str:
 
 
 def _exists(path: str | Path) -> bool:
-    fs, fs_path = _fs(path)
-    return fs.exists(fs_path)
-
-
-def _is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
+    return _location(path).exists()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,7 +110,10 @@ def _write_atomic(path: Path, write: Any) -> None:
 def save_state(state: dict[str, Any], directory: str | Path) -> Path:
     """Write ``state`` to ``directory/state.pt``, then its record ``checkpoint.json`` (size, sha256, step,
     config), each atomically and durably. A crash leaves either no record (the checkpoint is unverified and
-    is loaded only if state.pt loads) or a record that matches state.pt."""
+    is loaded only if state.pt loads) or a record that matches state.pt. ``directory`` may be an fsspec URL
+    (s3://…): each file is then one complete upload. Returns the path (or URL) of state.pt."""
+    if is_url(directory):
+        return _save_state_remote(state, _location(directory))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / STATE_FILE
@@ -119,12 +123,26 @@ def save_state(state: dict[str, Any], directory: str | Path) -> Path:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-    record = {"format": RECORD_FORMAT, "step": int(state.get("step", 0)),
-              "files": {STATE_FILE: {"bytes": size, "sha256": digest.hexdigest()}},
-              "config": state.get("config")}
+    record = _record(state, size, digest.hexdigest())
     _write_atomic(directory / RECORD_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
     _fsync_dir(directory)
     return final
+
+
+def _record(state: dict[str, Any], size: int, sha256: str) -> dict[str, Any]:
+    return {"format": RECORD_FORMAT, "step": int(state.get("step", 0)),
+            "files": {STATE_FILE: {"bytes": size, "sha256": sha256}}, "config": state.get("config")}
+
+
+def _save_state_remote(state: dict[str, Any], loc: Destination) -> str:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    loc.makedirs()
+    loc.write_bytes_atomic(STATE_FILE, data)
+    record = _record(state, len(data), hashlib.sha256(data).hexdigest())
+    loc.write_bytes_atomic(RECORD_FILE, json.dumps(record, indent=1).encode())
+    return loc.url_of(STATE_FILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +232,30 @@ def load_ray_checkpoint(checkpoint: Any) -> dict[str, Any]:
         return load_checkpoint(d)
 
 
+def architecture_differences(stored: Mapping[str, Any], model: ModelConfig, *,
+                             missing: Literal["default", "skip"] = "default") -> list[tuple[str, Any, Any]]:
+    """(key, stored value, ``model``'s value) for every ARCHITECTURE_KEYS field on which a stored model
+    config and ``model`` disagree: the one architecture check of checkpoints (``check_architecture``) and
+    of registered model names (the workflow's register stage).
+
+    ``stored`` is a checkpoint's model section ({'layer': 'csc', ...}) or a run's MLflow params
+    ({'model.layer': 'csc', ...}: text, compared with str of ``model``'s value). A key ``stored`` lacks takes
+    ModelConfig's default (``missing='default'``: an older checkpoint without 'layer' is a CSC model) or is
+    not compared (``missing='skip'``)."""
+    defaults = ModelConfig()
+    out = []
+    for key in ARCHITECTURE_KEYS:
+        theirs = stored.get(key, stored.get(f"model.{key}"))
+        if theirs is None:
+            if missing == "skip":
+                continue
+            theirs = getattr(defaults, key)
+        ours = getattr(model, key)
+        if theirs != ours and not (isinstance(theirs, str) and theirs == str(ours)):
+            out.append((key, theirs, ours))
+    return out
+
+
 def check_architecture(state: dict[str, Any], model: ModelConfig, source: str | Path = "the checkpoint") -> None:
     """Raise ValueError unless the model config stored in ``state`` (a checkpoint written by the trainer)
     agrees with ``model`` on every ARCHITECTURE_KEYS field. The stored config decides, not the tensors: the
@@ -224,12 +266,8 @@ def check_architecture(state: dict[str, Any], model: ModelConfig, source: str | 
     stored = config.get("model") if isinstance(config, dict) else None
     if not isinstance(stored, dict):
         raise ValueError(f"{source}: no model config in the checkpoint, so its architecture cannot be checked")
-    defaults = ModelConfig()
-    differ = []
-    for key in ARCHITECTURE_KEYS:
-        theirs, ours = stored.get(key, getattr(defaults, key)), getattr(model, key)
-        if theirs != ours:
-            differ.append(f"model.{key}: checkpoint {theirs!r}, this config {ours!r}")
+    differ = [f"model.{key}: checkpoint {theirs!r}, this config {ours!r}"
+              for key, theirs, ours in architecture_differences(stored, model)]
     if differ:
         raise ValueError(f"{source} was written by another architecture ({'; '.join(differ)}); refusing to load "
                          f"it. Use another run.name (or none: it is then derived from the config), or set these "
@@ -252,26 +290,18 @@ def _step_of(name: str) -> int:
 
 def list_checkpoints(run_dir: str | Path) -> list[str]:
     """Checkpoint directories (``checkpoint*``) directly under a run directory, newest (highest step) first."""
-    fs, root = _fs(run_dir)
-    try:
-        entries = fs.ls(root, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
-    names = [n for n in names if n.startswith("checkpoint")]
+    names = [n for n in _location(run_dir).listdirs() if n.startswith("checkpoint")]
     return [_join(run_dir, n) for n in sorted(names, key=lambda n: (_step_of(n), n), reverse=True)]
 
 
-def find_latest(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint directory holding a ``state.pt`` (by the step in its name) under a local run
-    directory, or ``run_dir`` itself when it is a checkpoint directory. Not verified: see newest_intact."""
-    run_dir = Path(run_dir)
-    if (run_dir / STATE_FILE).exists():
-        return run_dir
-    for candidate in list_checkpoints(run_dir):
-        if (Path(candidate) / STATE_FILE).exists():
-            return Path(candidate)
-    return None
+def find_latest(run_dir: str | Path) -> Path | str | None:
+    """The newest checkpoint directory holding a ``state.pt`` (by the step in its name) under a run
+    directory, or ``run_dir`` itself when it is a checkpoint directory: a Path for a local run directory, the
+    URL for one on an object store. Not verified: see newest_intact."""
+    found = next((c for c in [str(run_dir), *list_checkpoints(run_dir)] if _exists(_join(c, STATE_FILE))), None)
+    if found is None:
+        return None
+    return found if is_url(found) else Path(found)
 
 
 @dataclass
@@ -299,8 +329,6 @@ def load_newest(source: str | Path) -> tuple[str, dict[str, Any]]:
     """(path, state) of a checkpoint directory, or of the newest intact checkpoint of a run directory; each
     damaged checkpoint passed over is named on stderr. FileNotFoundError when there is no checkpoint,
     CheckpointError when every one is damaged."""
-    import sys
-
     path, state, damaged = newest_intact(source)
     for d in damaged:
         print(f"[cscctrl] checkpoint {d.path} is damaged and passed over: {d.reason}", file=sys.stderr, flush=True)
@@ -357,7 +385,15 @@ def quarantine(path: str) -> str:
     while _exists(dest):
         n += 1
         dest = _join(parent, f"{DAMAGED_PREFIX}{name}.{n}")
-    fs.mv(fs_path, _fs(dest)[1], recursive=True)
+    if not is_url(path):
+        fs.mv(fs_path, _fs(dest)[1], recursive=True)  # one rename
+        return dest
+    # An object store has no folders to rename (s3fs's recursive mv also tries to copy the folder's own
+    # key, which does not exist): copy each object, then delete the originals.
+    dest_root = _fs(dest)[1]
+    for f in fs.find(fs_path):
+        fs.copy(f, dest_root + f[len(fs_path):])
+    fs.rm(fs_path, recursive=True)
     return dest
 
 
@@ -409,9 +445,6 @@ def forget_missing_checkpoints(run_dir: str) -> list[str]:
                 "failed_validation_checkpoint_dir_names"):
         if key in snapshot:
             snapshot[key] = [n for n in snapshot[key] if n in names]
-    data = json.dumps(snapshot).encode()
-    if _is_local(fs):
-        _write_atomic(Path(path), lambda f: f.write(data))
-    else:  # an object store shows a new object only once it is complete
-        fs.pipe_file(path, data)
+    # atomic: temp + rename locally; an object store shows a new object only once it is complete
+    _location(run_dir).write_bytes_atomic(CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, json.dumps(snapshot).encode())
     return gone

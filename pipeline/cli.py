@@ -14,6 +14,9 @@ import os
 import shlex
 import sys
 
+from pipeline.errors import DEBUG_HINT, describe, exit_code
+from pipeline.redact import RedactingStream, redact
+
 # name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("sharding.cli_shard", "image folder / ImageNet / Fashion-MNIST / demo photos -> WebDataset shards + parquet manifest"),
@@ -73,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
     args = sub.parse_args(argv[argv.index(command) + 1:])
-    from pipeline.redact import RedactingStream
 
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)  # no URL credentials echoed
@@ -87,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 def invocation() -> str:
     """The command line of the `cscctrl` command running in this process (as typed, after --debug is
     removed), else this process's own command line; credentials in URLs removed."""
-    from pipeline.redact import redact
-
     return redact(INVOCATION or shlex.join([os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]]))
 
 
@@ -102,8 +102,6 @@ def run_command(module: object, command: str, args: argparse.Namespace, debug: b
         print(f"cscctrl {command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # every command ends in one line, never in a traceback
-        from pipeline.errors import DEBUG_HINT, describe, exit_code
-
         print(f"cscctrl {command}: error: {describe(e)} {DEBUG_HINT}", file=sys.stderr)
         return exit_code(e)
 

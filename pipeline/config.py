@@ -2,19 +2,15 @@
 
 Precedence: defaults (this file) < model preset (``model.preset``) < YAML file < ``section.key=value``
 overrides. An unknown key or a value of the wrong type is an error that names the key and lists the
-valid choices. The tree becomes a plain dict only at the Ray boundary (``to_dict`` / ``from_dict``).
+valid choices; the dialect of values and the typed loader are pipeline/dialect.py, shared with the sweep
+and workflow files. The tree becomes a plain dict only at the Ray boundary (``to_dict`` / ``from_dict``).
 Ray Tune search spaces are dotted keys applied by the same ``apply_overrides``.
 """
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
-import difflib
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,12 +18,18 @@ from typing import Any, Literal
 import yaml
 
 from models.config import ModelConfig
+from models.presets import preset_config
+from pipeline.dialect import ConfigError, from_dict, load_yaml_text, parse_override
+from pipeline.dialect import set_dotted as _set_dotted
+
+# The dialect's other names, re-exported: pipeline.config is where callers find the whole config API.
+from pipeline.dialect import YamlLoader as YamlLoader
+from pipeline.dialect import coerce_value as coerce_value
+from pipeline.dialect import field_types as field_types
+from pipeline.dialect import parse_value as parse_value
+from pipeline.dialect import unknown_key_error as unknown_key_error
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A bad key, type or value in the configuration; the message names the key."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,142 +354,15 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def field_types(cls: type) -> dict[str, Any]:
-    """The resolved type annotation of every field of dataclass ``cls``."""
-    return typing.get_type_hints(cls)
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def unknown_key_error(path: str, key: str, cls: type) -> ConfigError:
-    """The error for a key that ``cls`` does not have: names it, suggests the nearest, lists the valid ones."""
-    valid = _field_names(cls)
-    near = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{near[0]}'?" if near else ""
-    where = f"'{path}.{key}'" if path else f"'{key}'"
-    return ConfigError(f"unknown config key {where}.{hint} Valid keys{' in ' + path if path else ''}: "
-                       f"{', '.join(valid)}")
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def coerce_value(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert the few lossless cases (int -> float,
-    list -> tuple). Anything else raises a ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
-        return from_dict(tp, value, key)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' must be {_type_name(tp)}; got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return None
-            try:
-                return coerce_value(value, arm, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"config key '{key}': {value!r} matches none of {tp}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list; got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"config key '{key}' must have {len(args)} values; got {list(value)!r}")
-        return tuple(coerce_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number; got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer; got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false; got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string; got {value!r}")
-        return value
-    raise ConfigError(f"config key '{key}': unsupported annotation {tp}")
-
-
-def from_dict(cls: type, d: dict[str, Any], path: str = "") -> Any:
-    """Plain dict -> dataclass ``cls``, type-checked; unknown keys raise. Missing keys keep defaults."""
-    hints = field_types(cls)
-    kwargs = {}
-    for key, value in d.items():
-        if key not in hints:
-            raise unknown_key_error(path, key, cls)
-        kwargs[key] = coerce_value(value, hints[key], f"{path}.{key}" if path else key)
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{path or 'config'}: {e}") from e
-
-
 # ----------------------------------------------------------------------------------------------
 # Merging: presets, YAML files, overrides
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """'optim.encoder.lr=3e-4' -> ('optim.encoder.lr', 3e-4). Values are Python/YAML literals; anything
-    that is not one (a bare word, a path) is taken as a string."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form section.key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    raw = raw.strip()
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        lowered = raw.lower()
-        value = {"true": True, "false": False, "none": None, "null": None}.get(lowered, raw)
-    return key, value
-
-
 def set_dotted(tree: dict[str, Any], key: str, value: Any, root: type | None = None) -> None:
     """Set ``tree['a']['b']['c'] = value`` for key 'a.b.c', checking that every part is a real path of
-    the dataclass ``root`` (default ExperimentConfig)."""
-    parts = key.split(".")
-    cls: Any = root or ExperimentConfig
-    node = tree
-    for i, part in enumerate(parts):
-        hints = field_types(cls)
-        if part not in hints:
-            raise unknown_key_error(".".join(parts[:i]), part, cls)
-        tp = hints[part]
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"config key '{key}' is a section, not a value; set one of its keys: "
-                                  f"{', '.join(_field_names(tp))}")
-            node[part] = value
-            return
-        if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is a value, not a section")
-        node = node.setdefault(part, {})
-        cls = tp
+    the dataclass ``root`` (default ExperimentConfig); pipeline/dialect.py."""
+    _set_dotted(tree, key, value, root or ExperimentConfig)
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -513,20 +388,6 @@ def resolve_named_file(path: str | Path, folder: Path, kind: str) -> Path:
 def resolve_config_path(path: str | Path) -> Path:
     """A config file path, or a bare name of a file in configs/ ('imagenet128' -> configs/imagenet128.yaml)."""
     return resolve_named_file(path, CONFIG_DIR, "config")
-
-
-class YamlLoader(yaml.SafeLoader):
-    """Safe YAML (plain data only) with YAML 1.2 floats: PyYAML follows YAML 1.1, where 1e-4 (no dot) is
-    read as a string."""
-
-
-YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789"))
-
-
-def load_yaml_text(text: str) -> Any:
-    return yaml.load(text, Loader=YamlLoader)
 
 
 def read_yaml_file(p: Path, kind: str = "config") -> Any:
@@ -555,13 +416,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any] | list[str],
+                    root: type | None = None) -> dict[str, Any]:
     """Apply dotted-key overrides to a plain config dict (a copy is returned). Accepts CLI strings
-    ('a.b=1') or a mapping {'a.b': 1} (a Ray Tune sample). Every key must be a real config path."""
+    ('a.b=1') or a mapping {'a.b': 1} (a Ray Tune sample). Every key must be a real path of the dataclass
+    ``root`` (default ExperimentConfig)."""
     tree = copy.deepcopy(tree)
     items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else overrides.items()
     for key, value in items:
-        set_dotted(tree, key, value)
+        set_dotted(tree, key, value, root)
     return tree
 
 
@@ -574,7 +437,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     tree = apply_overrides(tree, overrides or {})
     preset = tree.get("model", {}).get("preset")
     if preset:
-        from models.presets import preset_config  # a preset fills the model section under the file
         tree["model"] = _deep_merge(to_dict(preset_config(preset)), tree["model"])
     return ExperimentConfig.from_dict(tree)
 

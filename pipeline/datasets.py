@@ -18,17 +18,17 @@ dataset and can be found through it (``search_runs`` on ``dataset.digest``, or t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+
+from pipeline.redact import redact
+from sharding.manifest import read_manifest
 
 CONTEXTS = ("training", "evaluation")
 
 
 def _source(url: str) -> tuple[str, dict[str, str]]:
     """(source type, source JSON) of a shard set URL, as MLflow's own dataset sources write them."""
-    from pathlib import Path
-
-    from pipeline.redact import redact
-
     if "://" not in url or url.startswith("file://"):
         return "local", {"uri": str(Path(url.removeprefix("file://")).expanduser().resolve())}
     clean = redact(url)
@@ -41,8 +41,6 @@ def _source(url: str) -> tuple[str, dict[str, str]]:
 def dataset_name(url: str, split: str) -> str:
     """``<last URL component>/<split>``: 'runs/demo/shards/fmnist' [train] -> 'fmnist/train' (credentials in
     the URL removed first)."""
-    from pipeline.redact import redact
-
     clean = redact(url).rstrip("/")
     return f"{clean.rsplit('/', 1)[-1] or clean}/{split}"
 
@@ -52,8 +50,6 @@ def shard_dataset(url: str, split: str, context: str, manifest: Any = None) -> d
     tracking journal as it is; ``dataset_input`` makes the MLflow entity). ``manifest``: the set's Manifest
     when the caller has read it already."""
     from mlflow.types import ColSpec, Schema
-
-    from sharding.manifest import read_manifest
 
     if context not in CONTEXTS:
         raise ValueError(f"dataset context {context!r}: expected one of {CONTEXTS}")

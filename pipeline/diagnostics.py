@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from models import build_models
 from models.config import ModelConfig
+from models.conv import ConvLayer
 from models.csc import CSCLayer
 from models.dictionary import atom_drift, dictionary_summary, nonzero_fraction, relative_residual
 
@@ -34,6 +35,15 @@ def initial_dictionaries(model: ModelConfig, seed: int) -> list[Tensor]:
         torch.manual_seed(seed)
         encoder, _ = build_models(model)
     return [layer.weight.detach().clone() for layer in encoder.csc_layers()]
+
+
+def first_stage_weight(encoder: nn.Module) -> Tensor:
+    """The weight (M, C, k, k) of the encoder's first stage, whose M filters live in pixel space: the
+    dictionary atoms of a CSC model, the convolution filters of the plain-convolution baseline."""
+    for m in encoder.modules():
+        if isinstance(m, (CSCLayer, ConvLayer)):
+            return m.weight
+    raise ValueError("the encoder has no CSC or convolution layer")
 
 
 @torch.no_grad()

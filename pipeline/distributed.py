@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.nn.functional import all_reduce
 
 # torch marks torch.distributed.nn.functional as deprecated, but its suggested replacement
 # (_functional_collectives) has no autograd for all_reduce in the torch versions we support.
@@ -47,7 +48,6 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     """Σ over ranks, differentiable (backward = Σ over ranks of the gradients; see the module docstring)."""
     if not is_distributed():
         return t
-    from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(t, op=dist.ReduceOp.SUM)
 

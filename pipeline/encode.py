@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.applied_model import MODEL_HELP
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.applied_model import MODEL_HELP, load_applied_model, pick_device
+from pipeline.image_files import image_batches, list_images
+from sharding.manifest import read_manifest
+from sharding.stream import describe_losses, make_eval_loader
 
 HELP_EPILOG = """\
 examples:
@@ -84,8 +90,6 @@ class Batch:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.applied_model import load_applied_model, pick_device
-
     if args.batch_size < 1 or args.limit < 0 or args.workers < 0:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1, --limit {args.limit} and --workers "
                          f"{args.workers} >= 0")
@@ -137,8 +141,6 @@ def check_output(out: str, overwrite: bool) -> Path:
 def open_data(data: str, splits: str) -> Any:
     """A ShardData when DATA holds a manifest (a folder or URL), an ImageFolderData for a local folder
     without one, or a single image file."""
-    from sharding.manifest import read_manifest
-
     local = Path(data).expanduser() if "://" not in data else None
     if local is not None and not local.exists():
         raise FileNotFoundError(2, "No such file or folder (DATA: a shard set or a folder of images)", str(local))
@@ -171,8 +173,6 @@ class ShardData:
         return sum(min(n, limit) if limit else n for n in counts)
 
     def batches(self, model: Any, args: argparse.Namespace, refused: list) -> Iterator[Batch]:
-        from sharding.stream import make_eval_loader
-
         for split in self.splits:
             if self.manifest.num_samples(split) == 0:
                 continue
@@ -192,8 +192,6 @@ class ShardData:
                 self.accounts[split] = loader.account(read)
 
     def finish(self, args: argparse.Namespace) -> int:
-        from sharding.stream import describe_losses
-
         lost = {s: a for s, a in self.accounts.items() if a["lost"]}
         for split, account in lost.items():
             level = "WARNING" if args.allow_lost_samples else "error"
@@ -207,8 +205,6 @@ class ImageFolderData:
     """Image files of a folder (or one file), in path order; unreadable ones are refused with a reason."""
 
     def __init__(self, root: str) -> None:
-        from pipeline.image_files import list_images
-
         self.root = root
         self.files, self.unlisted = list_images(root)
         if not self.files:
@@ -223,8 +219,6 @@ class ImageFolderData:
         return min(len(self.files), limit) if limit else len(self.files)
 
     def batches(self, model: Any, args: argparse.Namespace, refused: list) -> Iterator[Batch]:
-        from pipeline.image_files import image_batches
-
         refused.extend(self.unlisted)
         files = self.files[:args.limit] if args.limit else self.files
         for x, rows, bad in image_batches(files, model.image_size, model.in_channels, args.batch_size, args.workers):
@@ -246,7 +240,6 @@ class ImageFolderData:
 
 def feature_table(batch: Batch, z: Any, nonzero: Any) -> Any:
     """The rows of one batch (module docstring's columns)."""
-    import numpy as np
     import pyarrow as pa
 
     z = np.ascontiguousarray(z, dtype=np.float32)
@@ -268,7 +261,6 @@ def write_features(out: Path, model: Any, batches: Iterator[Batch], total: int, 
     """Encode every batch and append its rows to OUT.partial; rename it to OUT when all are written.
     Returns the number of rows. Raises ValueError when no image at all could be read."""
     import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
 
     partial = Path(f"{out}.partial")
     writer = None

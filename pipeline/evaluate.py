@@ -14,10 +14,12 @@ model's in_channels: 3 (RGB) or 1 (grey; the feature networks see it replicated 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,19 @@ from torch import Tensor, nn
 
 from models import build_models
 from models.ctrl import CTRLStats, ctrl_objective, ctrl_statistics
+from pipeline import metric_names as N
 from pipeline import metrics as M
+from pipeline.checkpoint import load_newest
 from pipeline.config import ExperimentConfig
-from pipeline.diagnostics import atom_measures, initial_dictionaries, stage_measures
+from pipeline.datasets import dataset_input, shard_dataset
+from pipeline.diagnostics import atom_measures, first_stage_weight, initial_dictionaries, stage_measures
+from pipeline.features import EffNetLite0Features
+from pipeline.pictures import atom_tiles, luminance, recon_grid
+from pipeline.report import REPORT_FILE, write_report
+from pipeline.tracking import RUN_NAME_TAG, existing_store_uri, find_run
+from sharding.manifest import read_manifest
+from sharding.storage import Destination, is_url
+from sharding.stream import describe_losses, make_eval_loader
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +66,6 @@ def training_images(trainer: Any, x: Tensor) -> dict[str, Any]:
     """Real-vs-reconstruction grid and the stage-1 dictionary atoms (pixel space) of the encoder (its
     filters for the plain-convolution baseline), and for colour models their luminance.
     Run in eval mode (running BN statistics: no collective, safe on rank 0 alone)."""
-    from pipeline.images import atom_tiles, luminance, recon_grid
-
     enc, dec = trainer.raw_encoder, trainer.raw_decoder
     was_training = enc.training, dec.training
     enc.eval(), dec.eval()
@@ -69,18 +79,6 @@ def training_images(trainer: Any, x: Tensor) -> dict[str, Any]:
     if atoms.shape[1] == 3:
         images["atoms_stage1_luma"] = atom_tiles(luminance(atoms))
     return images
-
-
-def first_stage_weight(encoder: nn.Module) -> Tensor:
-    """The weight (M, C, k, k) of the encoder's first stage, whose M filters live in pixel space: the
-    dictionary atoms of a CSC model, the convolution filters of the plain-convolution baseline."""
-    from models.conv import ConvLayer
-    from models.csc import CSCLayer
-
-    for m in encoder.modules():
-        if isinstance(m, (CSCLayer, ConvLayer)):
-            return m.weight
-    raise ValueError("the encoder has no CSC or convolution layer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,8 +194,6 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
     """The end-of-training evaluation on data.eval_split (rank 0; a bounded number of batches)."""
     if not cfg.train.eval_batches or not cfg.data.eval_split or cfg.data.synthetic:
         return {}
-    from sharding.manifest import read_manifest
-    from sharding.stream import make_eval_loader
 
     if cfg.data.eval_split not in read_manifest(cfg.data.shards).splits:
         log.warning("no '%s' split in %s: skipping the end-of-training evaluation", cfg.data.eval_split,
@@ -211,15 +207,14 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
                             eps_sq=cfg.objective.eps_sq, max_batches=cfg.train.eval_batches,
                             initial_atoms=trainer.initial_atoms)
     trainer.raw_encoder.train(), trainer.raw_decoder.train()
-    out = {f"eval/{k}": v for k, v in result.metrics.items()}
-    out["eval/lost_samples"] = float(loader.stats.lost_samples)
+    out = {N.EVAL_PREFIX + k: v for k, v in result.metrics.items()}
+    out[N.EVAL_PREFIX + "lost_samples"] = float(loader.stats.lost_samples)
     tracker.log_metrics(trainer.step, out)
     if result.example is not None:
-        from pipeline.images import recon_grid
-
         tracker.log_image(recon_grid(*result.example), f"eval/{cfg.data.eval_split}_recon.png")
     print("[cscctrl] eval on '{}': psnr {:.2f} dB, ssim {:.3f}, mse {:.4f}".format(
-        cfg.data.eval_split, out["eval/psnr"], out["eval/ssim"], out["eval/mse"]), flush=True)
+        cfg.data.eval_split, out[N.EVAL_PREFIX + "psnr"], out[N.EVAL_PREFIX + "ssim"], out[N.EVAL_PREFIX + "mse"]),
+        flush=True)
     return out
 
 
@@ -229,12 +224,11 @@ def evaluate_at_end(cfg: ExperimentConfig, trainer: Any, tracker: Any) -> dict[s
 
 
 def load_trained(source: str, tracking_uri: str = "") -> tuple[ExperimentConfig, nn.Module, nn.Module, str]:
-    """A checkpoint directory, a Ray run directory (newest checkpoint), or an MLflow run id whose
-    training run name leads to its checkpoints. Returns (config, encoder, decoder, description)."""
-    from pipeline.checkpoint import load_newest
-
-    path = Path(source).expanduser()
-    if not path.exists():
+    """A checkpoint directory, a Ray run directory (newest checkpoint), either local or an fsspec URL
+    (s3://…), or an MLflow run id whose training run name leads to its checkpoints. Returns (config,
+    encoder, decoder, description)."""
+    path: str | Path = source if is_url(source) else Path(source).expanduser()
+    if not is_url(source) and not Path(path).exists():
         path = _checkpoint_of_mlflow_run(source, tracking_uri)
     latest, state = load_newest(path)  # the newest intact checkpoint; damaged ones are named
     if "config" not in state or "encoder" not in state:
@@ -250,11 +244,9 @@ def load_trained(source: str, tracking_uri: str = "") -> tuple[ExperimentConfig,
     return cfg, encoder, decoder, f"{latest} (step {state['step']})"
 
 
-def _checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
+def _checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking import RUN_NAME_TAG, existing_store_uri
 
     client = MlflowClient(existing_store_uri(tracking_uri, f"{run_id!r} is neither a checkpoint path nor an MLflow run id"))
     try:
@@ -267,7 +259,7 @@ def _checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
     storage = params.get("run.storage_path")
     if not name or not storage:
         raise ValueError(f"MLflow run {run_id} was not written by `cscctrl train` (no run name tag)")
-    return Path(storage) / name
+    return f"{storage.rstrip('/')}/{name}"   # a local path or a URL (never Path: it would fold s3:// to s3:/)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,9 +295,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from sharding.manifest import read_manifest
-    from sharding.stream import make_eval_loader
-
     cfg, encoder, decoder, desc = load_trained(args.source, args.tracking_uri)
     data = args.data or cfg.data.shards
     manifest = read_manifest(data)
@@ -319,8 +308,6 @@ def _main(args: argparse.Namespace) -> int:
     encoder.to(device), decoder.to(device)
     fd = None
     if not args.no_fd:
-        from pipeline.features import EffNetLite0Features
-
         fd = EffNetLite0Features(device)
 
     def loader(split: str) -> Any:
@@ -348,20 +335,16 @@ def _main(args: argparse.Namespace) -> int:
     if samples is not None:  # an exact pass: every sample the manifest lists was read or is counted as lost
         metrics["lost_samples"] = float(samples["lost"])
         report["samples"] = samples
-    out = Path(args.out) if args.out else Path(cfg.run.storage_path) / cfg.run.name / f"eval-{args.split}"
-    from pipeline.report import write_report
-
+    out = args.out or f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/eval-{args.split}"
     run = training_run(cfg, args.tracking_uri or cfg.tracking.uri)
-    path = write_report(out, report, encoder, decoder, test, cfg, history=training_history(*run) if run else None)
-    if run:
-        from pipeline.datasets import shard_dataset
-
-        _log_eval_to_mlflow(*run, args, report, out, shard_dataset(data, args.split, "evaluation", manifest))
+    with report_folder(out) as (folder, publish):
+        write_report(folder, report, encoder, decoder, test, cfg, history=training_history(*run) if run else None)
+        path = publish()
+        if run:
+            _log_eval_to_mlflow(*run, args, report, folder, shard_dataset(data, args.split, "evaluation", manifest))
     print(json.dumps(report, indent=2))
     print(f"[cscctrl] report: {path}")
     if samples is not None and samples["lost"]:
-        from sharding.stream import describe_losses
-
         allowed = getattr(args, "allow_lost_samples", False)
         print(f"cscctrl eval: {'WARNING' if allowed else 'error'}: {describe_losses(samples, f'{data} [{args.split}]')}"
               f"{'' if allowed else ' (--allow-lost-samples accepts the incomplete evaluation)'}", file=sys.stderr)
@@ -369,11 +352,23 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-HISTORY_METRICS = ("train/recon_psnr", "decoder/objective", "decoder/delta_r_z_zhat", "decoder/delta_r_z",
-                   "decoder/delta_r_zhat", "decoder/delta_r_pairs", "train/cos_z_zhat", "code/stage1/residual",
-                   "code/stage1_psnr", "atoms/stage1/roughness", "atoms/stage1/drift")
-"""Training curves the report draws, when the run's MLflow history has them (the ΔR names by mode; the
-coding measures only for CSC models)."""
+@contextlib.contextmanager
+def report_folder(out: str) -> Iterator[tuple[Path, Callable[[], str]]]:
+    """(local folder to write the report in, publish() -> where report.html is). A local ``out`` is that
+    folder itself; a URL (s3://…) gets a temporary folder whose files publish() uploads through the
+    project's fsspec layer (sharding/storage.py), each file atomically."""
+    if not is_url(out):
+        folder = Path(out).expanduser()
+        yield folder, lambda: str(folder / REPORT_FILE)
+        return
+    dest = Destination(out)
+    with tempfile.TemporaryDirectory(prefix="cscctrl-eval-") as tmp:
+        def publish() -> str:
+            dest.makedirs()
+            dest.upload_folder(tmp)
+            return dest.url_of(REPORT_FILE)
+
+        yield Path(tmp), publish
 
 
 def training_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str] | None:
@@ -383,8 +378,6 @@ def training_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str] | None:
     if not uri:
         return None
     from mlflow import MlflowClient
-
-    from pipeline.tracking import find_run
 
     try:
         client = MlflowClient(uri)
@@ -397,11 +390,11 @@ def training_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str] | None:
 
 
 def training_history(client: Any, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), …]} of the HISTORY_METRICS the run logged; {} when they cannot be read
+    """{metric: [(step, value), …]} of the N.HISTORY_METRICS the run logged; {} when they cannot be read
     (the report then has no curves, and says nothing false)."""
     try:
         history = {}
-        for key in HISTORY_METRICS:
+        for key in N.HISTORY_METRICS:
             points = sorted({(m.step, m.value) for m in client.get_metric_history(run_id, key)})
             if points:
                 history[key] = points
@@ -415,8 +408,6 @@ def _log_eval_to_mlflow(client: Any, run_id: str, args: argparse.Namespace, repo
                         out: Path, dataset: dict[str, Any]) -> None:
     """Attach the evaluation to the training run's MLflow run (metrics eval/<split>/..., report files, and
     the evaluated split as a dataset input in the context "evaluation": pipeline/datasets.py)."""
-    from pipeline.datasets import dataset_input
-
     try:
         name = Path(args.data).name if args.data else "trained-data"
         prefix = f"eval/{name}/{args.split}"

@@ -20,6 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sharding.images import ImageOptions, RejectedImage, prepare_image
+from sharding.sources import IMAGE_EXTENSIONS, scan_images
+from sharding.transforms import ImageTransform
+
 
 @dataclass(frozen=True)
 class ImageFile:
@@ -30,8 +34,6 @@ class ImageFile:
 
 def list_images(root: str | Path) -> tuple[list[ImageFile], list[tuple[str, str]]]:
     """(image files, [(relative path, why it is left out)]) of a folder or a single image file."""
-    from sharding.sources import IMAGE_EXTENSIONS, scan_images
-
     root = Path(root).expanduser()
     if root.is_file():
         if root.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -47,9 +49,6 @@ def list_images(root: str | Path) -> tuple[list[ImageFile], list[tuple[str, str]
 def load_image(path: Path, image_size: int, channels: int) -> Tensor:
     """One file as a (channels, image_size, image_size) float32 tensor in [-1, 1] (module docstring).
     Raises sharding.images.RejectedImage with the reason for a file that cannot be used."""
-    from sharding.images import ImageOptions, RejectedImage, prepare_image
-    from sharding.transforms import ImageTransform
-
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -68,8 +67,6 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor | None, int, str]:
-        from sharding.images import RejectedImage
-
         try:
             return load_image(self.files[i].path, self.image_size, self.channels), i, ""
         except RejectedImage as e:

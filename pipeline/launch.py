@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from pipeline.checkpoint import repair_run
+from pipeline.cli import invocation
 from pipeline.config import ConfigError, ExperimentConfig, dump_yaml, load_config
-from pipeline.tracking import _is_remote, check_reachable, resolve_tracking_uri
+from pipeline.content_hash import config_identity, content_hash
+from pipeline.demo import ensure_demo_shards  # to become sharding.ensure.ensure_shards (issue 16)
+from pipeline.ray_init import init_ray
+from pipeline.resume import check_resume
+from pipeline.sizes import check_worker_memory, host_memory_bytes
+from pipeline.tracking import check_reachable, resolve_tracking_uri
+from pipeline.worker import train_loop_per_worker
+from sharding.manifest import ManifestError, read_manifest
+from sharding.storage import is_url
 
 log = logging.getLogger(__name__)
-
-RAY_TRAIN_POLL_S = 0.25  # seconds between Ray Train controller polls on a cluster this process starts
 
 HELP_EPILOG = """\
 examples:
@@ -51,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        cfg = prepare(cfg)
+        cfg = resolve_run_config(cfg)
     except (ConfigError, FileNotFoundError, ConnectionError, ValueError) as e:
         print(f"cscctrl train: error: {e}", file=sys.stderr)
         return 2
@@ -61,24 +69,18 @@ def main(args: argparse.Namespace) -> int:
 
 def default_run_name(cfg: ExperimentConfig) -> str:
     """Content-based: the same config gives the same name (so re-running resumes); no timestamps."""
-    d = cfg.to_dict()
-    d["run"] = {k: v for k, v in d["run"].items() if k != "name"}
-    d.pop("tracking", None)
-    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-    return f"ctrl-{cfg.model.image_size}px-{cfg.objective.mode}-{digest}"
+    return f"ctrl-{cfg.model.image_size}px-{cfg.objective.mode}-{content_hash(config_identity(cfg))}"
 
 
-def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
+def resolve_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """Fill what the workers must agree on (run name, absolute storage, tracking URI, class count) and
     fail here, before any worker starts, on anything that would fail later."""
     run, data, tracking, objective = cfg.run, cfg.data, cfg.tracking, cfg.objective
-    storage = run.storage_path if _is_remote(run.storage_path) else str(Path(run.storage_path).expanduser().resolve())
+    storage = run.storage_path if is_url(run.storage_path) else str(Path(run.storage_path).expanduser().resolve())
     run = dataclasses.replace(run, storage_path=storage)
     cfg = dataclasses.replace(cfg, run=run)
     if not data.synthetic:
         if not data.shards:
-            from pipeline.demo import ensure_demo_shards
-
             data = dataclasses.replace(data, shards=ensure_demo_shards(storage))
         manifest = check_shards(data.shards, data.train_split, cfg.model.image_size, data.eval_split)
         if objective.mode == "multiclass" and not objective.num_classes:
@@ -91,27 +93,22 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(tracking, uri=uri))
     if not run.name:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(run, name=default_run_name(cfg)))
-    if cfg.scaling.num_workers == 0 and cfg.scaling.use_gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"scaling.use_gpu=true with scaling.num_workers=0 trains in this process, but its "
-                              f"PyTorch ({torch.__version__}) sees no CUDA device; set scaling.use_gpu=false")
+    if cfg.scaling.num_workers == 0 and cfg.scaling.use_gpu and not torch.cuda.is_available():
+        raise ConfigError(f"scaling.use_gpu=true with scaling.num_workers=0 trains in this process, but its "
+                          f"PyTorch ({torch.__version__}) sees no CUDA device; set scaling.use_gpu=false")
     if cfg.scaling.num_workers == 0 or not os.environ.get("RAY_ADDRESS"):  # the workers run on this machine
-        from pipeline.sizes import check_worker_memory, host_memory_bytes
-
         check_worker_memory(cfg, host_memory_bytes())
-    from pipeline.resume import check_resume
-
     check_resume(cfg)
     return cfg
+
+
+# pipeline/workflow.py still imports the old name; it goes once the workflow package calls resolve_run_config.
+prepare = resolve_run_config
 
 
 def check_shards(url: str, split: str, image_size: int, eval_split: str = "") -> Any:
     """The manifest must exist and hold samples of the training split (and of the evaluation split, when it
     lists one); returns it."""
-    from sharding.manifest import ManifestError, read_manifest
-
     try:
         manifest = read_manifest(url)
     except ManifestError as e:
@@ -134,27 +131,6 @@ def check_shards(url: str, split: str, image_size: int, eval_split: str = "") ->
     return manifest
 
 
-def init_ray(log_to_driver: bool = True) -> None:
-    """Join the cluster named by RAY_ADDRESS (which `ray job submit` sets for its driver), else start a
-    private local one: never Ray's implicit attach to whatever /tmp/ray last recorded, which may be a
-    dead cluster (ray.init then waits forever). No runtime_env: inside `ray job submit` it would have to
-    merge with the job's own; a local cluster's workers inherit this process's environment."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    # A local cluster's processes inherit this environment (ray_cluster*.yaml set the same on a cluster):
-    # - Ray Train's controller takes one ray.train.report per worker per poll, every 2 s by default: a
-    #   worker reporting more often waits;
-    # - Ray Train's print patch sends a worker's print to its logger and, as sys.stdout is wrapped in a
-    #   Ray worker, to the stream as well: every progress line reached the terminal twice.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(RAY_TRAIN_POLL_S))
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver)
-
-
 def ray_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """Start or join Ray; check the cluster can ever hold the worker group (else Ray waits forever)."""
     import ray
@@ -165,8 +141,6 @@ def ray_resources(cfg: ExperimentConfig) -> dict[str, float]:
     need_cpu = s.num_workers * s.cpus_per_worker
     need_gpu = s.num_workers * s.gpus_per_worker if s.use_gpu else 0
     if os.environ.get("RAY_ADDRESS"):  # a cluster: no node may be too small for one worker
-        from pipeline.sizes import check_worker_memory
-
         largest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         check_worker_memory(cfg, int(largest), "the largest node of the Ray cluster")
     if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
@@ -183,7 +157,6 @@ def with_command(cfg: ExperimentConfig) -> ExperimentConfig:
     unless it names one already. The run's MLflow description shows it."""
     if cfg.tracking.command:
         return cfg
-    from pipeline.cli import invocation
 
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, command=invocation()))
 
@@ -191,8 +164,6 @@ def with_command(cfg: ExperimentConfig) -> ExperimentConfig:
 def build_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from pipeline.worker import train_loop_per_worker
 
     cfg = with_command(cfg)  # a sweep's trials come with the sweep's command (tuning/sweep.py)
     s = cfg.scaling
@@ -217,7 +188,7 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> 
 
 
 def run_training(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> Any:
-    """Fit the run described by a prepared config; returns Ray's Result, or None when training failed
+    """Fit the run described by a resolved config (``resolve_run_config``); returns Ray's Result, or None when training failed
     (the error is printed, naming what failed)."""
     import ray.train
 
@@ -241,8 +212,6 @@ def repair_checkpoints(cfg: ExperimentConfig) -> None:
     """Before a run (re)starts: damaged checkpoints newer than the newest intact one are moved aside and
     Ray Train's record of the run is made to match the folders present (pipeline/checkpoint.py
     ``repair_run``), so the run resumes from its newest intact checkpoint; what was done is printed."""
-    from pipeline.checkpoint import repair_run
-
     repair = repair_run(f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}")
     for line in repair.messages(cfg.run.name):
         print(line, flush=True)

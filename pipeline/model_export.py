@@ -21,11 +21,14 @@ the reconstruction, which is what MLflow's PyTorch flavor can serve.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.export import Dim
 
 from models.csc import CSCLayer
 
@@ -69,8 +72,6 @@ class FeatureExtractor(nn.Module):
 def export_features(encoder: nn.Module, example: Tensor, path: str | Path) -> Path:
     """Save ``FeatureExtractor(encoder)`` as a torch.export program at ``path``, any batch size (the example
     needs 2 or more images: torch.export fixes a dimension whose example size is 0 or 1)."""
-    from torch.export import Dim
-
     module = FeatureExtractor(encoder).eval()
     with torch.no_grad():
         program = torch.export.export(module, (example,), dynamic_shapes=({0: Dim.AUTO},))
@@ -81,7 +82,6 @@ def export_features(encoder: nn.Module, example: Tensor, path: str | Path) -> Pa
 def signature(in_channels: int, image_size: int) -> Any:
     """Input and output of g∘f: float32 tensors (-1, C, S, S), unnamed (MLflow's PyTorch flavor then hands
     the array to the model as it is; a named tensor would reach it as a dict, which it refuses)."""
-    import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -110,8 +110,6 @@ def log_autoencoder(encoder: nn.Module, decoder: nn.Module, model_cfg: Any, exam
                     registered_name: str | None, pip_requirements: list[str]) -> Any:
     """``mlflow.pytorch.log_model`` of g∘f with the features program, signature, example and metadata, into
     the active MLflow run; returns MLflow's ModelInfo. The modules are moved to the CPU in eval mode."""
-    import tempfile
-
     import mlflow
 
     encoder, decoder = encoder.cpu().eval(), decoder.cpu().eval()

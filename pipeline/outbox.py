@@ -19,6 +19,7 @@ retry for about 4 minutes), so a down server costs a background attempt, not a t
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
@@ -30,6 +31,12 @@ import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from pipeline.datasets import dataset_input
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +54,6 @@ class Journal:
     """Undelivered items under ``<run dir>/unsent_metrics/`` (any fsspec location); None-safe helpers."""
 
     def __init__(self, run_dir: str) -> None:
-        import fsspec
-
         self.url = f"{run_dir.rstrip('/')}/{JOURNAL_DIR}"
         self.legacy_url = f"{run_dir.rstrip('/')}/{LEGACY_JOURNAL}"
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
@@ -264,8 +269,6 @@ class Outbox:
                     (Path(d) / name).write_bytes(base64.b64decode(item["png"]))
                     self.client.log_artifact(self.run_id, str(Path(d) / name), directory or None)
             elif kind == "datasets":
-                from pipeline.datasets import dataset_input
-
                 self.client.log_inputs(self.run_id, datasets=[dataset_input(d) for d in item["datasets"]])
         send_metrics()
 
@@ -273,10 +276,6 @@ class Outbox:
         """An image of the run's image view: MLflow's ``log_image(key=, step=, timestamp=)`` (the files
         ``images/<key>+step+<step>+…`` that the run page scrubs through by step). A delivery retried after a
         failure half-way may leave a second copy of that step's image: the UI then shows either."""
-        import io
-
-        from PIL import Image
-
         with Image.open(io.BytesIO(base64.b64decode(item["png"]))) as image:
             image.load()
             self.client.log_image(self.run_id, image, key=item["key"], step=int(item["step"]),
@@ -310,10 +309,7 @@ def png_item(image: Any, artifact_file: str | None = None, *, key: str | None = 
         raise ValueError("an image item needs exactly one of artifact_file or key")
     if key is not None and not IMAGE_KEY.fullmatch(key):  # refused now: the outbox would retry it forever
         raise ValueError(f"image key {key!r}: MLflow takes letters, digits, _ - . / and spaces only")
-    import io
 
-    import numpy as np
-    from PIL import Image
 
     if not isinstance(image, Image.Image):
         arr = np.asarray(image)

@@ -22,7 +22,14 @@ import math
 import sys
 from pathlib import Path
 
-from pipeline.applied_model import MODEL_HELP
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import metrics as M
+from pipeline.applied_model import MODEL_HELP, load_applied_model, pick_device
+from pipeline.encode import write_refused
+from pipeline.image_files import image_batches, list_images
+from pipeline.pictures import recon_grid, save_png, tile, to_uint8
 
 HELP_EPILOG = """\
 examples:
@@ -75,15 +82,6 @@ def check_out_dir(out_dir: str, overwrite: bool) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from pipeline import metrics as M
-    from pipeline.applied_model import load_applied_model, pick_device
-    from pipeline.encode import write_refused
-    from pipeline.image_files import image_batches, list_images
-    from pipeline.images import recon_grid, save_png, tile, to_uint8
-
     if args.batch_size < 1 or args.zoom < 0 or args.grid < 0 or args.workers < 0:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1; --zoom {args.zoom}, --grid {args.grid} and "
                          f"--workers {args.workers} >= 0")

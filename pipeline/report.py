@@ -17,6 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.diagnostics import first_stage_weight
+from pipeline.pictures import (atom_tiles, code_activation_maps, curves_plot, luminance, recon_grid, save_png,
+                             sparsity_histogram)
+
+REPORT_FILE = "report.html"
+METRICS_FILE = "metrics.json"
 ATOMS_SHOWN = 64  # atoms per stage in the tiles
 ACTIVATION_IMAGES = 4  # images whose per-stage code maps are shown
 WORDS = {"csc": {"title": "CSC-CTRL", "weights": "dictionary atoms", "unit": "atom", "code": "code"},
@@ -53,10 +59,6 @@ def decoded_atoms(encoder: nn.Module, decoder: nn.Module, stage: int, count: int
 def write_report(out: Path, report: dict[str, Any], encoder: nn.Module, decoder: nn.Module, result: Any,
                  cfg: Any, history: dict[str, list[tuple[int, float]]] | None = None) -> Path:
     """Write the report folder; returns the path of report.html."""
-    from pipeline.evaluate import first_stage_weight
-    from pipeline.images import (atom_tiles, code_activation_maps, curves_plot, luminance, recon_grid, save_png,
-                                 sparsity_histogram)
-
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = []
 
@@ -87,8 +89,8 @@ def write_report(out: Path, report: dict[str, Any], encoder: nn.Module, decoder:
             "sparsity_hist.png", f"Fraction of non-zero {w['code']} entries per {w['unit']}, per stage")
     if history:
         add(curves_plot(history), "curves.png", "Training curves from the MLflow history")
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    path = out / "report.html"
+    (out / METRICS_FILE).write_text(json.dumps(report, indent=2))
+    path = out / REPORT_FILE
     path.write_text(_html(report, figures, cfg))
     return path
 

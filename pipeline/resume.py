@@ -15,7 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
+from pipeline.checkpoint import stored_config
 from pipeline.config import ConfigError, ExperimentConfig, flatten
+from pipeline.redact import redact
 
 MUTABLE: tuple[str, ...] = (
     "train.steps", "train.log_every", "train.image_every", "train.checkpoint_every", "train.eval_batches",
@@ -67,8 +71,6 @@ def run_dir(cfg: ExperimentConfig) -> str:
 
 def check_resume(cfg: ExperimentConfig) -> list[Change]:
     """The allowed changes of a resumed run ([] for a new run); ConfigError listing the others."""
-    from pipeline.checkpoint import stored_config
-
     if not cfg.run.name:
         return []
     found = stored_config(run_dir(cfg))
@@ -90,8 +92,6 @@ def check_resume(cfg: ExperimentConfig) -> list[Change]:
 
 def changes_text(changes: list[Change], step: int) -> str:
     """The record of a resume's changes (YAML)."""
-    import yaml
-
     return yaml.safe_dump({"resumed_at_step": step,
                            "changes": {c.key: {"before": c.stored, "after": c.current} for c in changes}},
                           sort_keys=False)
@@ -100,8 +100,6 @@ def changes_text(changes: list[Change], step: int) -> str:
 def record_changes(tracker: Any, changes: list[Change], step: int) -> None:
     """Tags ``cscctrl.resume.<key>`` and the artifact ``resume/step<N>.yaml`` on the run's MLflow run (its
     params keep the values the run started with: MLflow params cannot change)."""
-    from pipeline.redact import redact
-
     if not changes:
         return
     tracker.set_tags({f"cscctrl.resume.{c.key}": redact(f"{c.stored!r} -> {c.current!r} (at step {step})")[:5000]

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import ExperimentConfig
-
+from pipeline.redact import redact
+from sharding.manifest import read_manifest
 
 def model_line(cfg: ExperimentConfig) -> str:
     m = cfg.model
@@ -39,8 +40,6 @@ def objective_line(cfg: ExperimentConfig, num_classes: int) -> str:
 
 
 def data_line(cfg: ExperimentConfig, train_samples: int | None) -> str:
-    from pipeline.redact import redact
-
     if cfg.data.synthetic:
         return "Data: synthetic (one fixed random batch per worker)"
     count = f", {train_samples} images" if train_samples is not None else ""
@@ -71,6 +70,5 @@ def train_samples_of(cfg: ExperimentConfig, manifest: Any = None) -> int | None:
     """Samples of the training split as the manifest lists them (None for synthetic data)."""
     if cfg.data.synthetic:
         return None
-    from sharding.manifest import read_manifest
 
     return (manifest or read_manifest(cfg.data.shards)).num_samples(cfg.data.train_split)

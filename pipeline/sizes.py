@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from models import build_models
 from pipeline.config import ConfigError, ExperimentConfig
 
 
@@ -32,10 +35,6 @@ def host_memory_bytes() -> int:
 
 def parameter_count(cfg: ExperimentConfig) -> int:
     """Parameters of the encoder and decoder of ``cfg.model``, counted on the meta device."""
-    import torch
-
-    from models import build_models
-
     with torch.device("meta"):
         encoder, decoder = build_models(cfg.model)
     return sum(p.numel() for p in encoder.parameters()) + sum(p.numel() for p in decoder.parameters())

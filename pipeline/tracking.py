@@ -16,16 +16,23 @@ import contextlib
 import logging
 import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import torch
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError, ExperimentConfig, dump_yaml, flatten
 from pipeline.model_export import Autoencoder  # noqa: F401  (g∘f, the logged model; imported from here too)
+from pipeline.model_export import input_example, log_autoencoder
+from pipeline.outbox import Outbox, bounded_http_requests, png_item, restore_environment
 from pipeline.redact import redact, redact_tree
+from pipeline.system_metrics import SystemMetrics
+from sharding.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +40,12 @@ RUN_NAME_TAG = "cscctrl.run_name"
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite store beside the checkpoints."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         return uri
-    if _is_remote(cfg.run.storage_path):
+    if is_url(cfg.run.storage_path):
         raise ConfigError(
             f"run.storage_path={cfg.run.storage_path!r} is remote, so the default local MLflow store cannot "
             f"live beside it: set tracking.uri (e.g. http://127.0.0.1:5000 on the head node)")
@@ -79,8 +82,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail before training when an HTTP tracking server does not answer (issue: unreachable at start)."""
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
 
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
@@ -111,7 +112,6 @@ def model_requirements() -> list[str]:
     """The logged model's pip requirements, stated rather than inferred: MLflow saves it with torch.export,
     so loading needs torch (and MLflow's own loader), never this package; inferring them loads the model
     in a subprocess, 7 of the 10 s a log_model call takes on 2 CPUs."""
-    import cloudpickle
     import mlflow
 
     return [f"mlflow=={mlflow.__version__}", f"cloudpickle=={cloudpickle.__version__}",
@@ -149,8 +149,6 @@ class MLflowTracker:
     def __init__(self, cfg: ExperimentConfig, run_name: str, run_dir: str | None = None,
                  parent_run_id: str | None = None, description: str = "") -> None:
         from mlflow import MlflowClient
-
-        from pipeline.outbox import Outbox, bounded_http_requests
 
         self.cfg = cfg
         self.uri = resolve_tracking_uri(cfg)
@@ -194,8 +192,6 @@ class MLflowTracker:
                   step: int | None = None) -> None:
         """Queue an image: an artifact file (``artifact_file``), or with ``key`` and ``step`` an image of the
         run's image view, which the run page scrubs through by training step (MLflow's ``log_image``)."""
-        from pipeline.outbox import png_item
-
         self.outbox.put(png_item(image, artifact_file, key=key, step=step))
 
     def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
@@ -206,8 +202,6 @@ class MLflowTracker:
     def start_system_metrics(self, interval_s: float) -> bool:
         """Sample CPU, memory, disk, network and GPU use every ``interval_s`` seconds into the run's system
         metrics until ``finish`` (pipeline/system_metrics.py); returns whether a GPU is sampled too."""
-        from pipeline.system_metrics import SystemMetrics
-
         try:
             start_ms = self.client.get_run(self.run_id).info.start_time
         except Exception as e:  # the axis then starts now; the run itself was found a moment ago
@@ -233,8 +227,6 @@ class MLflowTracker:
         The networks are moved to the CPU in eval mode (training is over)."""
         import mlflow
 
-        from pipeline.model_export import input_example, log_autoencoder
-
         name = self.cfg.tracking.registered_model or None
         self.outbox.flush(self.FINISH_FLUSH_S)  # the run's history before its model
         with tracking_uri_set_to(self.uri), mlflow.start_run(run_id=self.run_id):
@@ -249,8 +241,6 @@ class MLflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Deliver what is queued (up to FINISH_FLUSH_S; the rest stays in the journal), then close the run."""
-        from pipeline.outbox import restore_environment
-
         if self.system_metrics is not None:
             self.system_metrics.stop()
         self.outbox.close(self.FINISH_FLUSH_S)
@@ -260,3 +250,15 @@ class MLflowTracker:
             log.warning("could not close the MLflow run: %s", e)
         restore_environment(self._env_before)
 
+
+def logged_model_uri(client: Any, run_id: str) -> str:
+    """The URI of the model the training run logged (``mlflow.pytorch.log_model(name="model")``)."""
+    run = client.get_run(run_id)
+    models = list(run.outputs.model_outputs or []) if run.outputs else []
+    if models:
+        return f"models:/{models[-1].model_id}"
+    found = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                        filter_string=f"source_run_id = '{run_id}'")
+    if not found:
+        raise RuntimeError(f"training run {run_id} logged no model (tracking.log_model=false?)")
+    return f"models:/{found[-1].model_id}"

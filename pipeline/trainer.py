@@ -31,6 +31,7 @@ from models.csc import refresh_dictionaries
 from models.ctrl import CTRLStats, CTRLTerms, ctrl_objective, ctrl_statistics
 from models.dictionary import dictionary_loss
 from pipeline import distributed
+from pipeline import metric_names as N
 from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.diagnostics import atom_measures, code_measures
 
@@ -330,9 +331,9 @@ class CTRLTrainer:
     def _accumulate(self, enc: CTRLTerms, dec: CTRLTerms, x: Tensor, x_hat: Tensor) -> None:
         """Add this step's terms to the window's sums, and remember (on the device) the first step at
         which any term went non-finite. A few vector kernels, no host sync."""
-        values = {f"encoder/{k}": v for k, v in enc.as_dict().items()}
-        values.update({f"decoder/{k}": v for k, v in dec.as_dict().items()})
-        values["train/recon_mse"] = (x_hat.float() - x.float()).pow(2).mean()
+        values = {N.player_metric("encoder", k): v for k, v in enc.as_dict().items()}
+        values.update({N.player_metric("decoder", k): v for k, v in dec.as_dict().items()})
+        values[N.RECON_MSE] = (x_hat.float() - x.float()).pow(2).mean()
         if not self._keys:
             self._keys = list(values)
             self._first_bad = torch.zeros(len(self._keys), device=self.device)
@@ -376,16 +377,17 @@ class CTRLTrainer:
         metrics = dict(zip(keys, values))
         elapsed = max(time.perf_counter() - self._t_window, 1e-9)
         steps = self.step - self._step_window
-        mse = metrics["train/recon_mse"]
-        metrics["train/recon_psnr"] = 10.0 * math.log10(4.0 / mse) if mse > 0 else float("inf")
-        if "decoder/consistency" in metrics:  # Σᵢ (1 − cos(zᵢ, ẑᵢ)) over the global batch
-            metrics["train/cos_z_zhat"] = 1.0 - metrics["decoder/consistency"] / self.cfg.global_batch_size
-        metrics["perf/images_per_s"] = steps * self.cfg.global_batch_size / elapsed
-        metrics["perf/step_ms"] = 1000.0 * elapsed / max(1, steps)
-        metrics["perf/data_wait_fraction"] = self._data_wait / elapsed
-        metrics["optim/encoder_lr"] = self.encoder_opt.param_groups[0]["lr"]
-        metrics["optim/decoder_lr"] = self.decoder_opt.param_groups[0]["lr"]
-        metrics["train/step"] = float(self.step)
+        mse = metrics[N.RECON_MSE]
+        metrics[N.RECON_PSNR] = 10.0 * math.log10(4.0 / mse) if mse > 0 else float("inf")
+        consistency = N.player_metric("decoder", "consistency")
+        if consistency in metrics:  # Σᵢ (1 − cos(zᵢ, ẑᵢ)) over the global batch
+            metrics[N.COS_Z_ZHAT] = 1.0 - metrics[consistency] / self.cfg.global_batch_size
+        metrics[N.IMAGES_PER_S] = steps * self.cfg.global_batch_size / elapsed
+        metrics[N.STEP_MS] = 1000.0 * elapsed / max(1, steps)
+        metrics[N.DATA_WAIT] = self._data_wait / elapsed
+        metrics[N.ENCODER_LR] = self.encoder_opt.param_groups[0]["lr"]
+        metrics[N.DECODER_LR] = self.decoder_opt.param_groups[0]["lr"]
+        metrics[N.STEP] = float(self.step)
         self.reporter.metrics(self.step, metrics)
         self._reset_window()
         return metrics

@@ -18,10 +18,18 @@ import torch
 from torch import Tensor
 
 from pipeline import distributed
+from pipeline import metric_names as N
 from pipeline.checkpoint import (CheckpointError, check_architecture, checkpoint_dir_name, load_ray_checkpoint,
                                  newest_intact, save_state)
 from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.datasets import shard_dataset
+from pipeline.evaluate import evaluate_at_end, training_images
+from pipeline.resume import config_changes, record_changes
+from pipeline.run_description import describe_run, train_samples_of
+from pipeline.tracking import MLflowTracker
 from pipeline.trainer import CTRLTrainer, checkpoint_due
+from sharding.manifest import read_manifest
+from sharding.stream import make_train_loader
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +50,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
     batches = make_batches(cfg, rank=rank, world_size=world, start_step=start_step, device=device)
     tracker = None
     if rank == 0:
-        from pipeline.tracking import MLflowTracker
-
         tracker = MLflowTracker(cfg, cfg.run.name, run_dir=run_dir(cfg),
                                 parent_run_id=cfg.tracking.parent_run_id or None,
                                 description=run_description(cfg, num_classes, device))
@@ -52,8 +58,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
             print(f"[cscctrl] resuming {cfg.run.name} from step {start_step}"
                   f"{' (same MLflow run)' if tracker.resumed else ''}", flush=True)
             if changes:
-                from pipeline.resume import record_changes
-
                 record_changes(tracker, changes, start_step)
                 print(f"[cscctrl] resumed with changed settings (recorded in MLflow): "
                       f"{'; '.join(str(c) for c in changes)}", flush=True)
@@ -68,8 +72,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
             tracker.finish("FAILED")
         raise
     if tracker:
-        from pipeline.evaluate import evaluate_at_end
-
         metrics.update(evaluate_at_end(cfg, trainer, tracker))
     # A last report on every rank (Ray keeps rank 0's): the end-of-training evaluation, for Tune.
     ray.train.report(metrics)
@@ -85,8 +87,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, float]:
 
 def run_description(cfg: ExperimentConfig, num_classes: int, device: torch.device) -> str:
     """The new MLflow run's description (pipeline/run_description.py)."""
-    from pipeline.run_description import describe_run, train_samples_of
-
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return describe_run(cfg, num_classes=num_classes, train_samples=train_samples_of(cfg), gpu_name=gpu)
 
@@ -95,9 +95,6 @@ def open_tracking(cfg: ExperimentConfig, tracker: Any) -> None:
     """Rank 0, once the MLflow run is open: the shard sets the run reads as its dataset inputs (the training
     split; the evaluation split when the run evaluates at its end), and system metrics sampling."""
     if not cfg.data.synthetic:
-        from pipeline.datasets import shard_dataset
-        from sharding.manifest import read_manifest
-
         manifest = read_manifest(cfg.data.shards)
         datasets = [shard_dataset(cfg.data.shards, cfg.data.train_split, "training", manifest)]
         if cfg.train.eval_batches and cfg.data.eval_split in manifest.splits:
@@ -164,7 +161,6 @@ def _resume_changes(cfg: ExperimentConfig, state: dict[str, Any] | None) -> list
     may not change (`cscctrl train` refuses these before Ray starts; this catches every other caller)."""
     if not state or not isinstance(state.get("config"), dict):
         return []
-    from pipeline.resume import config_changes
 
     changes = config_changes(state["config"], cfg.to_dict())
     fixed = [c for c in changes if not c.mutable]
@@ -181,7 +177,6 @@ def resolve_num_classes(cfg: ExperimentConfig) -> int:
         return cfg.objective.num_classes
     if cfg.data.synthetic:
         return 10
-    from sharding.manifest import read_manifest
 
     return read_manifest(cfg.data.shards).num_classes_in(cfg.data.train_split)
 
@@ -215,7 +210,6 @@ def make_batches(cfg: ExperimentConfig, *, rank: int, world_size: int, start_ste
                  device: torch.device) -> Batches:
     if cfg.data.synthetic:
         return Batches(synthetic_batches(cfg, device))
-    from sharding.stream import make_train_loader
 
     loader = make_train_loader(
         cfg.data.shards, split=cfg.data.train_split, image_size=cfg.model.image_size,
@@ -260,12 +254,12 @@ class RunReporter:
                              device=self.device)
         if self.reader_stats is not None:
             values[0], values[1] = self.reader_stats.lost_samples, self.reader_stats.corrupt_shards
-        values[2 + rank] = metrics.get("perf/data_wait_fraction", 0.0)  # one slot per rank: the sum gathers
+        values[2 + rank] = metrics.get(N.DATA_WAIT, 0.0)  # one slot per rank: the sum gathers
         distributed.all_reduce_sum_(values)
         lost, shards, *waits = values.tolist()
-        out = {"perf/data_wait_fraction_mean": sum(waits) / world, "perf/data_wait_fraction_max": max(waits)}
+        out = {N.DATA_WAIT_MEAN: sum(waits) / world, N.DATA_WAIT_MAX: max(waits)}
         if self.reader_stats is not None:
-            out.update({"data/lost_samples": lost, "data/corrupt_shard_reads": shards})
+            out.update({N.LOST_SAMPLES: lost, N.CORRUPT_SHARD_READS: shards})
         return out
 
     def metrics(self, step: int, metrics: dict[str, float]) -> None:
@@ -274,7 +268,7 @@ class RunReporter:
             self.tracker.log_metrics(step, metrics)
             if self.tracker.system_metrics is not None:  # beside CPU and GPU use in the System metrics tab
                 self.tracker.system_metrics.log_now(
-                    {"data_wait_percentage": 100.0 * metrics["perf/data_wait_fraction_mean"]})
+                    {"data_wait_percentage": 100.0 * metrics[N.DATA_WAIT_MEAN]})
             print(progress_line(step, self.cfg.train.steps, metrics), flush=True)
         # At a checkpoint step the checkpoint's report carries these metrics: Ray Train's controller takes
         # one report per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a second one would wait.
@@ -286,7 +280,6 @@ class RunReporter:
         atoms_stage1, …) at this step, so the run page scrubs through them as training goes on."""
         if not self.tracker:
             return
-        from pipeline.evaluate import training_images
 
         self.last_images = x[:2].detach().float().cpu()
         for name, image in training_images(trainer, x).items():
@@ -317,19 +310,19 @@ class RunReporter:
 
 
 def progress_line(step: int, total: int, m: dict[str, float]) -> str:
-    ips = m.get("perf/images_per_s", 0.0)
-    remaining = (total - step) * m.get("perf/step_ms", 0.0) / 1000.0
+    ips = m.get(N.IMAGES_PER_S, 0.0)
+    remaining = (total - step) * m.get(N.STEP_MS, 0.0) / 1000.0
     eta = time.strftime("%H:%M:%S", time.gmtime(remaining)) if remaining < 86400 else f"{remaining / 3600:.0f}h"
     terms = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in m.items()
                      if k.startswith("decoder/delta_r") or k == "decoder/objective")
     coding = "".join(f" {label}={m[key]:.2f}" for key, label in PROGRESS_CODING if key in m)
-    lost = m.get("data/lost_samples", 0.0)
+    lost = m.get(N.LOST_SAMPLES, 0.0)
     losses = f" | LOST {lost:,.0f} samples to damaged shards (cscctrl verify)" if lost else ""
-    return (f"[cscctrl] step {step}/{total} | {ips:,.0f} img/s | {terms} | psnr={m.get('train/recon_psnr', 0):.2f} dB"
-            f"{coding} | data wait {100 * m.get('perf/data_wait_fraction', 0):.0f}%{losses} | eta {eta}")
+    return (f"[cscctrl] step {step}/{total} | {ips:,.0f} img/s | {terms} | psnr={m.get(N.RECON_PSNR, 0):.2f} dB"
+            f"{coding} | data wait {100 * m.get(N.DATA_WAIT, 0):.0f}%{losses} | eta {eta}")
 
 
-PROGRESS_CODING = (("train/cos_z_zhat", "cos(z,ẑ)"), ("code/stage1/residual", "residual1"),
+PROGRESS_CODING = ((N.COS_Z_ZHAT, "cos(z,ẑ)"), ("code/stage1/residual", "residual1"),
                    ("sparsity/stage1", "nonzero1"))
 """Coding measures the progress line shows when logged (pipeline/diagnostics.py): how close ẑ is to z, how
 much of the image stage 1 leaves unexplained, and how sparse its code is."""

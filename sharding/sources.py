@@ -26,6 +26,7 @@ its first dot): ``n01440764_10026``, ``dog_img_001``.
 """
 from __future__ import annotations
 
+import csv
 import errno
 import functools
 import gzip
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from sharding.images import RejectedImage
 
@@ -308,8 +310,6 @@ def read_synset_mapping(path: Path) -> dict[str, str]:
 
 def read_val_solution(path: Path) -> dict[str, str]:
     """``ImageId,PredictionString`` rows -> {ImageId: wnid}, the wnid being PredictionString's first token."""
-    import csv
-
     labels = {}
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -485,8 +485,6 @@ class FashionMNISTSource(Source):
         return Listing(splits, classes)
 
     def read(self, item: SourceItem) -> bytes:
-        from PIL import Image
-
         name, index = item.source.rsplit("#", 1)
         images = read_idx(os.path.join(self.directory, name))
         buf = io.BytesIO()
@@ -510,7 +508,6 @@ def load_photo(name: str) -> np.ndarray:
     if name in SKLEARN_PHOTOS:
         # The file sklearn.datasets.load_sample_image reads, opened directly: importing
         # sklearn.datasets costs seconds in every worker process.
-        from PIL import Image
 
         package = importlib.util.find_spec("sklearn")
         if package is None or package.origin is None:
@@ -570,8 +567,6 @@ class DemoSource(Source):
         return Listing(splits, classes)
 
     def read(self, item: SourceItem) -> bytes:
-        from PIL import Image
-
         name, box = item.source.rsplit("#", 1)
         y0, x0, side = (int(v) for v in box.split(","))
         crop = load_photo(name)[y0:y0 + side, x0:x0 + side]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,12 @@ def split_protocol(url: str) -> str:
     """The fsspec protocol of `url` ('file' for plain paths)."""
     protocol, _ = fsspec.core.split_protocol(str(url))
     return protocol or "file"
+
+
+def is_url(path: str | Path) -> bool:
+    """True for a URL of another file system than this machine's (s3://, gs://, memory://, ...): what the
+    project's code must reach through fsspec, never through pathlib. A plain path or file:// is local."""
+    return split_protocol(str(path)) not in ("file", "local")
 
 
 def check_protocol(url: str) -> None:
@@ -131,6 +138,18 @@ class Destination:
         except FileNotFoundError:
             return None
 
+    def exists(self, name: str = "") -> bool:
+        return self.fs.exists(self._fresh(name))
+
+    def listdirs(self, name: str = "") -> list[str]:
+        """Base names of the folders directly under `name` ([] when it does not exist)."""
+        self._fresh(name)
+        try:
+            entries = self.fs.ls(self.path(name), detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
     def listdir(self, name: str = "") -> list[str]:
         """Base names directly under `name` ([] when it does not exist)."""
         self._fresh(name)
@@ -167,7 +186,6 @@ class Destination:
         if self.is_local:
             parent = self.path(name).rsplit("/", 1)[0]
             return f"{parent}/{tmp_name}"
-        import tempfile
 
         return os.path.join(tempfile.gettempdir(), tmp_name)
 
@@ -200,6 +218,16 @@ class Destination:
             self.fs.pipe_file(self.path(name), data)
         if not keep:
             self.remove(name)
+
+    def upload_folder(self, local: str | Path, name: str = "") -> list[str]:
+        """Every file under the local folder ``local`` to ``name`` (keeping sub-folders), each file atomically;
+        returns the names written. Reports and summaries are built in a local folder, then published."""
+        written = []
+        for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            target = f"{name.rstrip('/')}/{f.relative_to(local).as_posix()}" if name else f.relative_to(local).as_posix()
+            self.write_bytes_atomic(target, f.read_bytes())
+            written.append(target)
+        return written
 
     def remove(self, name: str) -> None:
         try:

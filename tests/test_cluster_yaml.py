@@ -261,9 +261,9 @@ def test_token_auth_on_every_node(path):
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
 def test_every_node_gets_the_ray_train_settings_of_a_local_cluster(path):
-    """The environment `cscctrl` gives a local cluster (pipeline.launch.init_ray) is exported before
+    """The environment `cscctrl` gives a local cluster (pipeline.ray_init.init_ray) is exported before
     every `ray start`, so the same controller poll interval and print behaviour hold on a cluster."""
-    from pipeline.launch import RAY_TRAIN_POLL_S
+    from pipeline.ray_init import RAY_TRAIN_POLL_S
 
     for cmd in ray_start_commands(load(path)):
         exports = dict(re.findall(r"\b(RAY_TRAIN_[A-Z_]+)=(\S+?);?(?=\s)", cmd[:cmd.index("ray start")]))

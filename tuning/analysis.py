@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ExperimentConfig, diff_from_defaults, load_config
+from pipeline.metric_names import STEP
 from tuning.spaces import Dimension, decode_trial, overrides_from_trial
 
 LAST_CHECKPOINT_KEY = "sweep/last_checkpoint"  # report key: path of the newest checkpoint of a trial's run
@@ -104,7 +105,7 @@ class TrialRow:
 
     @property
     def step(self) -> float:
-        return float(self.metrics.get("train/step", math.nan))
+        return float(self.metrics.get(STEP, math.nan))
 
     def value(self, metric: str) -> float:
         return float(self.metrics.get(metric, math.nan))
@@ -132,7 +133,7 @@ def rows_from_trials(trials: Sequence[Any], dims: Sequence[Dimension], total_ste
             err = t.get_error()
             error = _last_line(str(err)) if err is not None else "error"
         rows.append(TrialRow(trial_id=t.trial_id, run_name=run_name_of(t.trial_id),
-                             status=trial_status(t.status, metrics.get("train/step", math.nan),
+                             status=trial_status(t.status, metrics.get(STEP, math.nan),
                                                  int(point.get("train.steps", total_steps))),
                              point=point, searched=searched, metrics=metrics, error=error,
                              checkpoint=str(result.get(LAST_CHECKPOINT_KEY, ""))))

@@ -26,6 +26,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pipeline.metric_names import STEP
 from tuning.analysis import (LAST_CHECKPOINT_KEY, format_value, nonzero_fraction, render_table, short_label,
                              trial_status)
 from tuning.spaces import Dimension, decode_trial
@@ -88,7 +89,7 @@ class TrialTable(Callback):
         rows = []
         for t in trials:
             result = t.last_result or {}
-            step = float(result.get("train/step", math.nan))
+            step = float(result.get(STEP, math.nan))
             try:
                 searched = decode_trial(t.config, self.dims)
             except ValueError:

@@ -21,35 +21,34 @@ A sweep file is YAML with these keys (all optional; defaults below):
 
 Command-line ``key=value`` items whose first part is a config section (model, optim, train, ...) go
 into ``base``; any other key sets a field of this file (``num_samples=4``, ``space=unroll``,
-``space=[sparsity, unroll]``, ``asha.grace_period=20``, ``resources.num_workers=2``); their values
-may be YAML flow text.
+``space=[sparsity, unroll]``, ``asha.grace_period=20``, ``resources.num_workers=2``). Both kinds are
+read in the one dialect of pipeline/dialect.py (YAML flow values), as ``cscctrl train`` reads its items.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from pipeline.config import (CONFIG_DIR, load_yaml_text, read_yaml_file, resolve_named_file, set_dotted, ConfigError, ExperimentConfig, coerce_value, field_types, unknown_key_error,
-                             parse_override)
+from pipeline import metric_names
+from pipeline.config import (CONFIG_DIR, ConfigError, ExperimentConfig, from_dict, parse_override,
+                             read_yaml_file, resolve_named_file, set_dotted)
+from pipeline.content_hash import config_identity, content_hash
+from pipeline.metric_names import evaluation_metrics, training_metrics
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
 # scaling.* keys the sweep sets from 'resources:' (the other scaling keys may go in 'base').
 RESOURCE_KEYS = ("scaling.num_workers", "scaling.cpus_per_worker", "scaling.use_gpu", "scaling.gpus_per_worker")
-# What ASHA measures progress in: the training step every report carries (pipeline/trainer.py).
-TIME_ATTR = "train/step"
+# What ASHA measures progress in: the training step every report carries (pipeline/metric_names.py).
+TIME_ATTR = metric_names.STEP
 
 
 @dataclass
 class AshaSpec:
-    metric: str = "train/recon_psnr"
+    metric: str = metric_names.RECON_PSNR
     """Metric ASHA compares trials on at its rungs; it must be in every report (the held-out metric
     exists only at the end, so early stopping looks at the training reconstruction PSNR)."""
 
@@ -109,7 +108,7 @@ class SweepSpec:
     space: Any = "sparsity_unroll"
     search: Literal["optuna", "random", "grid"] = "optuna"
     num_samples: int = 12
-    metric: str = "eval/psnr"
+    metric: str = metric_names.EVAL_PREFIX + "psnr"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "none"] = "asha"
     asha: AshaSpec = field(default_factory=AshaSpec)
@@ -148,22 +147,14 @@ class SweepSpec:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_yaml_text(text: str) -> Any:
-    return load_yaml_text(text)  # safe YAML with YAML 1.2 floats (pipeline/config.py)
-
-
 def resolve_sweep_path(path: str | Path) -> Path:
     """A sweep file path, or the bare name of one in configs/sweeps/ ('debug' -> configs/sweeps/debug.yaml)."""
     return resolve_named_file(path, SWEEP_DIR, "sweep")
 
 
-def _set_field(tree: dict[str, Any], key: str, value: Any) -> None:
-    """tree['asha']['grace_period'] = value for 'asha.grace_period', checking the name against SweepSpec."""
-    set_dotted(tree, key, value, root=SweepSpec)
-
-
 def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -> SweepSpec:
-    """defaults < sweep YAML file < command-line items -> a checked SweepSpec (unknown keys raise)."""
+    """defaults < sweep YAML file < command-line items -> a checked SweepSpec (unknown keys raise). Items
+are read as ``cscctrl train`` reads them (pipeline/dialect.py)."""
     tree: dict[str, Any] = {}
     if path:
         p = resolve_sweep_path(path)
@@ -177,36 +168,13 @@ def load_sweep(path: str | Path | None = None, items: list[str] | None = None) -
         key, value = parse_override(item)
         if key.split(".", 1)[0] in CONFIG_SECTIONS:
             tree["base"][key] = value
-        else:  # sweep fields also take YAML flow values: space=[sparsity, unroll]
-            _set_field(tree, key, _yaml_value(item.split("=", 1)[1]) if isinstance(value, str) else value)
+        else:  # a field of this file: num_samples=4, space=[sparsity, unroll], asha.grace_period=20
+            set_dotted(tree, key, value, root=SweepSpec)
     if isinstance(tree.get("space"), dict) and not tree["space"]:
         raise ConfigError("space: {} is empty; give dotted config keys with specs, or a preset name")
-    return _typed_spec(tree)
-
-
-def _yaml_value(raw: str) -> Any:
-    try:
-        return read_yaml_text(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot read {raw!r} as a value: {e}") from None
-
-
-def _typed_spec(tree: dict[str, Any]) -> SweepSpec:
-    """Type-check every field with the config's checker; ``space`` and ``base`` stay free-form here
-    (tuning/spaces.py and pipeline/config.py check them against the experiment config)."""
-    hints = field_types(SweepSpec)
-    kwargs: dict[str, Any] = {}
-    for key, value in tree.items():
-        if key not in hints:
-            raise unknown_key_error("", key, SweepSpec)
-        if key in ("space", "base"):
-            kwargs[key] = value
-        else:
-            kwargs[key] = coerce_value(value, hints[key], key)
-    try:
-        return SweepSpec(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"sweep file: {e}") from e
+    # ``space`` and ``base`` are free-form here: tuning/spaces.py and pipeline/config.py check them against
+    # the experiment config.
+    return from_dict(SweepSpec, tree)
 
 
 def sweep_name(spec: SweepSpec, base: ExperimentConfig) -> str:
@@ -216,46 +184,12 @@ def sweep_name(spec: SweepSpec, base: ExperimentConfig) -> str:
         return spec.name
     d = spec.to_dict()
     d.pop("name")
-    b = base.to_dict()
-    b["run"] = {k: v for k, v in b["run"].items() if k != "name"}
-    b.pop("tracking", None)
-    digest = hashlib.sha1(json.dumps({"sweep": d, "base": b}, sort_keys=True, default=str).encode())
-    return f"sweep-{digest.hexdigest()[:10]}"
+    return f"sweep-{content_hash({'sweep': d, 'base': config_identity(base)})}"
 
 
 # ----------------------------------------------------------------------------------------------
 # Which metrics a trial reports (checked before any trial starts)
 # ----------------------------------------------------------------------------------------------
-
-
-def term_names(mode: str) -> list[str]:
-    """Names of the CTRL terms the trainer logs for an objective mode (models/ctrl.py CTRLTerms)."""
-    from models.ctrl import CTRLTerms
-
-    present = {"binary": {"delta_r_z_zhat"}, "multiclass": {"delta_r_z", "delta_r_zhat", "delta_r_pairs"}}[mode]
-    always = {"objective", "consistency", "rate_z"}
-    return [f.name for f in dataclasses.fields(CTRLTerms) if f.name in always | present]
-
-
-def training_metrics(cfg: ExperimentConfig) -> set[str]:
-    """Keys of every periodic report of a training run (pipeline/trainer.py ``log_metrics``)."""
-    from pipeline.diagnostics import coding_metric_names
-
-    names = {f"{player}/{t}" for player in ("encoder", "decoder") for t in term_names(cfg.objective.mode)}
-    names |= set(coding_metric_names(cfg.model))
-    names |= {"train/recon_mse", "train/recon_psnr", "train/cos_z_zhat", "train/step", "perf/images_per_s",
-              "perf/step_ms", "perf/data_wait_fraction", "optim/encoder_lr", "optim/decoder_lr"}
-    return names
-
-
-def evaluation_metrics(cfg: ExperimentConfig) -> set[str]:
-    """Keys the end-of-training evaluation adds to the last report (pipeline/evaluate.py)."""
-    from pipeline.diagnostics import coding_metric_names
-
-    names = {"eval/mse", "eval/psnr", "eval/ssim", "eval/cos_z_zhat", "eval/item_match", "eval/images"}
-    names |= {f"eval/{k}" for k in coding_metric_names(cfg.model)}
-    names |= {f"eval/objective/{t}" for t in term_names(cfg.objective.mode)}
-    return names
 
 
 def evaluation_skipped_because(cfg: ExperimentConfig, splits: list[str] | None) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -33,11 +32,16 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
-from tuning import analysis
+from pipeline.launch import build_trainer, repair_checkpoints, resolve_run_config, with_command
+from pipeline.ray_init import init_ray
+from pipeline.tracking import MLflowTracker, find_run
+from sharding.manifest import read_manifest
+from sharding.storage import Destination
+from tuning import analysis, state_seal
 from tuning.resources import ResourceError, TrialResources, max_concurrent_trials, node_resources
-from tuning.spaces import (Dimension, apply_point, describe_space, grid_size, overrides_from_trial,
+from tuning.spaces import (PRESETS, Dimension, apply_point, describe_space, grid_size, overrides_from_trial,
                            parse_space, resolve_space, to_param_space)
-from tuning.spec import (TIME_ATTR, SweepSpec, asha_grace_period, check_metric, load_sweep, sweep_name)
+from tuning.spec import TIME_ATTR, SweepSpec, asha_grace_period, check_metric, load_sweep, sweep_name
 from tuning.state_seal import StateTrustError
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,7 @@ Running the same sweep again resumes it. Space presets: {presets} (tuning/spaces
 
 @dataclass
 class SweepPlan:
-    """Everything decided before Ray starts: a checked spec, the prepared base config, the space."""
+    """Everything decided before Ray starts: a checked spec, the resolved base config (resolve_run_config), the space."""
 
     spec: SweepSpec
     name: str
@@ -115,8 +119,6 @@ class SweepOutcome:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tuning.spaces import PRESETS
-
     p.epilog = HELP_EPILOG.format(presets=", ".join(PRESETS))
     p.add_argument("-c", "--config", help="sweep YAML file (or the name of one in configs/sweeps/)")
     p.add_argument("items", nargs="*", metavar="key=value",
@@ -177,16 +179,12 @@ def describe_plan(plan: SweepPlan) -> str:
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
     """Resolve and check the sweep: base config, space keys and values, metrics, ASHA's rungs, shards and
     MLflow. Raises ConfigError (or FileNotFoundError / ConnectionError) before anything runs."""
-    from pipeline.launch import prepare
-
     base = load_config(spec.config or None, {**spec.base, **spec.resources.scaling_overrides()})
     dims = parse_space(resolve_space(spec.space), base)
     param_space = to_param_space(dims, spec.search)
-    base = prepare(base)
+    base = resolve_run_config(base)
     splits = None
     if not base.data.synthetic:
-        from sharding.manifest import read_manifest
-
         splits = list(read_manifest(base.data.shards).splits)
     check_metric(spec.metric, "metric", base, splits, every_report=False)
     max_t = _max_steps(base, dims)
@@ -235,7 +233,6 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dims: list[Dime
     Tune's FailureConfig may retry: same trial id, same run name, so it resumes from its checkpoint."""
     import ray.tune
 
-    from pipeline.launch import build_trainer, repair_checkpoints
     from tuning.callbacks import SweepReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -258,14 +255,6 @@ def _trial_dirname(trial: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def init_ray(worker_logs: bool) -> None:
-    """pipeline.launch.init_ray, with Tune's own progress output off (our table replaces it)."""
-    from pipeline.launch import init_ray as init_ray_
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    init_ray_(log_to_driver=worker_logs)
-
-
 def trial_resources(spec: SweepSpec) -> TrialResources:
     r = spec.resources
     return TrialResources(driver_cpus=r.driver_cpus, num_workers=r.num_workers, cpus_per_worker=r.cpus_per_worker,
@@ -275,8 +264,6 @@ def trial_resources(spec: SweepSpec) -> TrialResources:
 def make_trainable(plan: SweepPlan, parent_run_id: str) -> Any:
     from ray import tune
     from ray.tune.execution.placement_groups import PlacementGroupFactory
-
-    from pipeline.launch import with_command
 
     # The command is read here, in the driver: a trial's own process was not started by it.
     fn = tune.with_parameters(train_trial, base=with_command(plan.base).to_dict(), dims=plan.dims, sweep=plan.name,
@@ -338,8 +325,6 @@ def run_sweep(plan: SweepPlan, *, retry_errored: bool = False, worker_logs: bool
     import ray
     from ray import tune
 
-    from tuning import state_seal
-
     resumed = tune.Tuner.can_restore(plan.experiment_path)
     if resumed and trust_state:
         sealed = state_seal.seal(plan.experiment_path)
@@ -347,7 +332,7 @@ def run_sweep(plan: SweepPlan, *, retry_errored: bool = False, worker_logs: bool
               f"they are now", flush=True)
     elif resumed:
         state_seal.verify(plan.experiment_path)
-    init_ray(worker_logs)
+    init_ray(log_to_driver=worker_logs, tune=True)
     nodes = node_resources(ray.nodes())
     concurrency, note = max_concurrent_trials(trial_resources(plan.spec), nodes, plan.spec.max_concurrent_trials,
                                               plan.num_trials)
@@ -376,8 +361,6 @@ def run_sweep(plan: SweepPlan, *, retry_errored: bool = False, worker_logs: bool
 def open_parent_run(plan: SweepPlan) -> Any:
     """The sweep's MLflow run (re-attached by name on resume); its params are the base config plus the
     sweep's own settings, and the resolved sweep file is an artifact."""
-    from pipeline.tracking import MLflowTracker
-
     tracker = MLflowTracker(plan.base, plan.name)
     if not tracker.resumed:
         s = plan.spec
@@ -427,13 +410,11 @@ def summarize(plan: SweepPlan, tracker: Any) -> SweepOutcome:
 
 
 def copy_summary(src: Path, dest: str) -> None:
-    """The summary files to storage (a local path or any fsspec URL)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(dest)
-    fs.makedirs(root, exist_ok=True)
-    for f in sorted(src.iterdir()):
-        fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
+    """The summary files to storage (a local path or any fsspec URL), each file atomically
+    (sharding/storage.py)."""
+    loc = Destination(dest)
+    loc.makedirs()
+    loc.upload_folder(src)
 
 
 def log_summary(tracker: Any, files: Path, best: analysis.TrialRow | None, metric: str, complete: bool) -> None:
@@ -452,8 +433,6 @@ def log_summary(tracker: Any, files: Path, best: analysis.TrialRow | None, metri
 
 
 def _find_child(tracker: Any, run_name: str) -> str | None:
-    from pipeline.tracking import find_run
-
     return find_run(tracker.client, tracker.experiment_id, run_name)
 
 

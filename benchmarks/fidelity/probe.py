@@ -135,7 +135,7 @@ def measure(trainer, initial, x, dev, batch=1000, pictures=""):
     out["item_match"] = [float((torch.cdist(xh_all, xs).argmin(1) == torch.arange(k, device=dev)).float().sum())
                          * x.shape[0] / k]
     if pictures:
-        from pipeline.images import atom_tiles, recon_grid
+        from pipeline.pictures import atom_tiles, recon_grid
 
         recon_grid(x[:32].float(), xh_all[:32].view(32, *x.shape[1:]).cpu()).save(f"{pictures}-recon.png")
         w = enc.csc_layers()[0].weight.detach().float().cpu()

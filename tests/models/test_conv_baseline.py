@@ -137,7 +137,7 @@ def test_same_parameter_count_and_shapes_as_the_csc_model(preset):
 
 def test_nothing_normalises_conv_weights():
     """refresh_dictionaries is a no-op on conv networks (no unit-norm projection, no power iteration), and so
-    are the forward passes' prepare steps; on a CSC network it projects every atom."""
+    are the forward passes' update_atoms steps; on a CSC network it projects every atom."""
     cfg = conv_cfg()
     torch.manual_seed(0)
     encoder, decoder = build_models(cfg)

@@ -213,9 +213,9 @@ def test_encoder_and_decoder_compile_to_one_graph_each():
 
 def test_nonneg_features_switch_reaches_only_the_final_stage():
     from models.config import ModelConfig
-    from models.encoder import CSCEncoder
+    from models.encoder import Encoder
 
-    enc = CSCEncoder(ModelConfig(image_size=32, ndf=4, nz=8, nonneg_features=False))
+    enc = Encoder(ModelConfig(image_size=32, ndf=4, nz=8, nonneg_features=False))
     layers = enc.csc_layers()
     assert all(layer.nonneg for layer in layers[:-1]) and not layers[-1].nonneg
     torch.manual_seed(0)

@@ -12,8 +12,8 @@ from skimage import data, transform
 from models import build_models, create_model, list_presets, preset_config
 from models.config import ModelConfig
 from models.ctrl import ctrl_objective, ctrl_statistics
-from models.decoder import CSCDecoder
-from models.encoder import CSCEncoder
+from models.decoder import Decoder
+from models.encoder import Encoder
 from models.presets import LAM, UnknownPresetError, register_preset
 
 # name: (image_size, ndf, nz, decoder dictionaries, channels after each halving stage)
@@ -37,7 +37,7 @@ def test_preset_values_and_architecture(name):
     assert (cfg.preset, cfg.image_size, cfg.ndf, cfg.nz, cfg.decoder_dictionaries) == (name, size, ndf, nz,
                                                                                          dictionaries)
     assert preset_config(name) is not cfg  # a fresh instance every time: callers may modify it
-    encoder = CSCEncoder(cfg)
+    encoder = Encoder(cfg)
     assert [l.num_atoms for l in encoder.csc_layers()] == widths + [nz]
     assert encoder.final.kernel_size == cfg.resolutions[-1]
 
@@ -88,7 +88,7 @@ def photo_crops(size: int) -> torch.Tensor:
 
 def stage_densities(cfg: ModelConfig, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     torch.manual_seed(0)
-    encoder = CSCEncoder(cfg)
+    encoder = Encoder(cfg)
     with torch.no_grad():
         z, codes = encoder.forward_with_codes(x)
     return z, [(c != 0).float().mean().item() for c in codes]
@@ -154,7 +154,7 @@ def test_full_size_128px_preset_forward_backward():
 
 def test_create_model():
     encoder, decoder = create_model("csc_ctrl_debug")
-    assert isinstance(encoder, CSCEncoder) and isinstance(decoder, CSCDecoder)
+    assert isinstance(encoder, Encoder) and isinstance(decoder, Decoder)
     assert encoder.cfg.preset == "csc_ctrl_debug" and decoder.cfg is encoder.cfg
     tied_encoder, tied_decoder = create_model("csc_ctrl_prototype32")
     assert tied_decoder.synthesis_layers()[0].dictionary is tied_encoder.final.weight

@@ -1,5 +1,8 @@
 """Rate reduction against a float64 numpy transcription of the formulas, identities and invariances,
-numerics (fp32 island under bf16 autocast, Cholesky vs torch.logdet), gradients, and input errors."""
+numerics (fp32 island under bf16 autocast, Cholesky vs torch.logdet), gradients, and input errors.
+
+R, R_c, ΔR(Z|Π) and ΔR(Z, Ẑ) are read off the one implementation the trainer uses (models/ctrl.py:
+``ctrl_statistics`` then ``ctrl_objective``); the helpers below only pick its terms."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +10,50 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.rate_reduction import (check_labels, class_coding_rate, class_gram, coding_rate, coding_rate_from_gram,
-                                   gram, logdet_spd, pair_rate_reduction, rate_reduction)
+from models.ctrl import CTRLTerms, ctrl_objective, ctrl_statistics
+from models.rate_reduction import check_labels, class_gram, coding_rate_from_gram, logdet_spd
+
+EPS_SQ = 0.5  # ε² of the experiment config's default
+
+
+# ---- the terms of the trainer's objective (models/ctrl.py), for samples z (n, d) ----
+
+def binary_terms(z: torch.Tensor, z_hat: torch.Tensor, eps_sq: float) -> CTRLTerms:
+    return ctrl_objective(ctrl_statistics(z, z_hat, None, 1, "binary"), "binary", eps_sq)
+
+
+def class_terms(z: torch.Tensor, labels: torch.Tensor, eps_sq: float, num_classes: int | None) -> CTRLTerms:
+    k = num_classes if num_classes is not None else int(labels.max()) + 1 if labels.dim() == 1 and labels.numel() else 1
+    stats = ctrl_statistics(z, z, labels, k, "multiclass")
+    check_labels(labels, k)
+    return ctrl_objective(stats, "multiclass", eps_sq)
+
+
+def coding_rate(z: torch.Tensor, eps_sq: float = EPS_SQ) -> torch.Tensor:
+    """R(Z)"""
+    return binary_terms(z, z, eps_sq).rate_z
+
+
+def rate_reduction(z: torch.Tensor, labels: torch.Tensor, eps_sq: float = EPS_SQ,
+                   num_classes: int | None = None) -> torch.Tensor:
+    """ΔR(Z|Π)"""
+    return class_terms(z, labels, eps_sq, num_classes).delta_r_z
+
+
+def class_coding_rate(z: torch.Tensor, labels: torch.Tensor, eps_sq: float = EPS_SQ,
+                      num_classes: int | None = None) -> torch.Tensor:
+    """R_c(Z|Π) = R(Z) − ΔR(Z|Π)"""
+    t = class_terms(z, labels, eps_sq, num_classes)
+    return t.rate_z - t.delta_r_z
+
+
+def pair_rate_reduction(z: torch.Tensor, z_hat: torch.Tensor, eps_sq: float = EPS_SQ) -> torch.Tensor:
+    """ΔR(Z, Ẑ)"""
+    return binary_terms(z, z_hat, eps_sq).delta_r_z_zhat
+
+
+def gram(z: torch.Tensor) -> torch.Tensor:
+    return z.T @ z
 
 
 # ---- independent float64 transcription (the paper's notation: Z is d × n, columns are samples) ----

@@ -11,13 +11,13 @@ import torch
 
 from pipeline.checkpoint import find_latest, load_state, save_state
 from pipeline.config import load_config
-from pipeline.launch import prepare, run_training
+from pipeline.launch import resolve_run_config, run_training
 
 
 @pytest.fixture(scope="module")
 def trained_run(demo_shards, tmp_path_factory):
     storage = tmp_path_factory.mktemp("eval-run")
-    cfg = prepare(load_config(None, [
+    cfg = resolve_run_config(load_config(None, [
         "model.preset=csc_ctrl_debug", "objective.mode=multiclass", "train.batch_size_per_worker=16",
         "train.steps=4", "train.log_every=2", "train.checkpoint_every=4", "train.image_every=0",
         "train.precision=fp32", "scaling.num_workers=0", "data.loader_workers=0", f"data.shards={demo_shards}",

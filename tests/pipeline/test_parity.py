@@ -112,7 +112,10 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(mode, device, tmp_pat
 
 def test_per_rank_objective_would_differ():
     """Sanity: ΔR of one half of the batch is not ΔR of the whole batch, so the parity above is a real test."""
-    from models.rate_reduction import pair_rate_reduction
+    from models.ctrl import ctrl_objective, ctrl_statistics
+
+    def pair_rate_reduction(a, b):
+        return ctrl_objective(ctrl_statistics(a, b, None, 1, "binary"), "binary", 0.5).delta_r_z_zhat
 
     torch.manual_seed(0)
     z = torch.nn.functional.normalize(torch.randn(2 * B, 16), dim=1)

@@ -125,16 +125,16 @@ def test_metrics_are_named_and_finite():
 
 
 def test_in_process_run_tracks_to_mlflow_and_resumes_the_same_run(tmp_path):
-    from pipeline.launch import prepare, run_training
+    from pipeline.launch import resolve_run_config, run_training
 
     base = TINY + [f"run.storage_path={tmp_path}", "run.name=resume-me", "train.log_every=2",
                    "train.checkpoint_every=2"]
-    cfg = prepare(load_config(None, base + ["train.steps=4"]))
+    cfg = resolve_run_config(load_config(None, base + ["train.steps=4"]))
     assert run_training(cfg) is not None
     assert sorted(p.name for p in (tmp_path / "resume-me").glob("checkpoint_step*")) == \
         ["checkpoint_step000000002", "checkpoint_step000000004"]
 
-    cfg = prepare(load_config(None, base + ["train.steps=6"]))
+    cfg = resolve_run_config(load_config(None, base + ["train.steps=6"]))
     assert run_training(cfg) is not None
 
     client = MlflowClient(cfg.tracking.uri)

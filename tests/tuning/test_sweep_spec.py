@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from tuning.spec import (SWEEP_DIR, asha_grace_period, check_metric, evaluation_metrics, load_sweep, sweep_name,
-                         training_metrics)
+from pipeline.metric_names import evaluation_metrics, training_metrics
+from tuning.spec import SWEEP_DIR, asha_grace_period, check_metric, load_sweep, sweep_name
 
 DEBUG = {"model.preset": "csc_ctrl_debug"}
 

@@ -1,4 +1,4 @@
-"""pipeline/images.py: grid geometry and pixel round trips, per-atom normalisation, activation maps,
+"""pipeline/pictures.py: grid geometry and pixel round trips, per-atom normalisation, activation maps,
 and matplotlib plots rendered to real PNG files."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline import images
-from pipeline.images import PAD_VALUE
+from pipeline.pictures import PAD_VALUE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

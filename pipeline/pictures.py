@@ -3,7 +3,8 @@ dictionary atoms, code activation maps, sparsity histograms and training curves,
 
 Images are float tensors in [-1, 1], (b, c, h, w), c ∈ {1, 3}; they become 8-bit pixels by
 p = round(255 · (x + 1) / 2), clamped to 0…255. Plots use matplotlib's Agg canvas directly (no pyplot
-state, safe in workers without a display). Nothing here calls back into the models: the caller passes
+state, safe in workers without a display), imported where a picture is drawn: matplotlib's import is slow
+and most importers of this module only make grids. Nothing here calls back into the models: the caller passes
 tensors (dictionary weights, codes, decoded one-hot codes) it computed.
 """
 from __future__ import annotations
@@ -12,12 +13,10 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
@@ -165,6 +164,8 @@ def heatmap(values: Tensor, size: tuple[int, int]) -> np.ndarray:
     neighbour (one code position stays one visible block), coloured with HEATMAP_CMAP."""
     unit = minmax_normalise(values[None])[0]
     big = torch.nn.functional.interpolate(unit[None, None], size=size, mode="nearest")[0, 0]
+    import matplotlib
+
     rgba = matplotlib.colormaps[HEATMAP_CMAP](big.numpy())
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
@@ -202,16 +203,20 @@ def code_activation_maps(codes_per_stage: Sequence[Tensor], image: Tensor, n: in
 # ----------------------------------------------------------------------------------------------
 
 
-def _figure(num_panels: int, panel_size: tuple[float, float] = (4.0, 3.0)) -> tuple[Figure, list]:
+def _figure(num_panels: int, panel_size: tuple[float, float] = (4.0, 3.0)) -> tuple[Any, list]:
     cols = min(num_panels, 3)
     rows = math.ceil(num_panels / cols)
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows), dpi=FIGURE_DPI)
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(num_panels)]
     return fig, axes
 
 
-def figure_to_image(fig: Figure) -> Image.Image:
+def figure_to_image(fig: Any) -> Image.Image:
     """Render a matplotlib figure on an Agg canvas into an RGB PIL image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return Image.fromarray(np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3]))
