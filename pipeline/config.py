@@ -381,6 +381,12 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert the few lossless cases (int -> float,
     list -> tuple). Anything else raises a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is dict:  # a free-form mapping (e.g. the workflow's source_options); its values as annotated
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping; got {value!r}")
+        return {k: coerce_value(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
@@ -477,17 +483,35 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, root: type | None = N
         hints = field_types(cls)
         if part not in hints:
             raise unknown_key_error(".".join(parts[:i]), part, cls)
-        tp = hints[part]
+        tp = _optional_section(hints[part])
         if i == len(parts) - 1:
-            if dataclasses.is_dataclass(tp):
+            if dataclasses.is_dataclass(hints[part]):  # an optional section may be set whole (sweep=null)
                 raise ConfigError(f"config key '{key}' is a section, not a value; set one of its keys: "
                                   f"{', '.join(_field_names(tp))}")
             node[part] = value
             return
+        if typing.get_origin(tp) is dict:  # a free-form mapping: the rest of the key is its nested keys
+            for sub in parts[i:-1]:
+                if not isinstance(node.get(sub), dict):
+                    node[sub] = {}
+                node = node[sub]
+            node[parts[-1]] = value
+            return
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is a value, not a section")
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # an optional section that is null (or absent) starts empty
+            node[part] = {}
+        node = node[part]
         cls = tp
+
+
+def _optional_section(tp: Any) -> Any:
+    """``X | None`` -> X when X is a dataclass (an optional section); any other annotation as it is."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(arms) == 1 and dataclasses.is_dataclass(arms[0]):
+            return arms[0]
+    return tp
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> str:
     """Small shards of real photo crops (the demo source): train 256 / val 64 / unseen 64 at 32 px."""
-    from pipeline.demo import ensure_demo_shards
+    from sharding.ensure import ensure_demo_shards
 
     return ensure_demo_shards(str(tmp_path_factory.mktemp("demo")), progress=False, counts=(256, 64, 64),
                               shard_maxcount=64)
