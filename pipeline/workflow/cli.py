@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def plan_text(wf: Workflow) -> str:
     """The resolved workflow and its stages, as YAML; computing it creates no file or folder."""
-    doc = {"stages": wf.stages, "tracking_uri": tracking_uri(wf, create=False), "shards": wf.shard_url,
+    # (The resolved values have keys of their own: the file's tracking_uri and shards would hide them.)
+    doc = {"stages": wf.stages, "resolved_tracking_uri": tracking_uri(wf, create=False), "shard_url": wf.shard_url,
            **dataclasses.asdict(wf)}
     return yaml.safe_dump(doc, sort_keys=False)
 
