@@ -15,7 +15,9 @@ from typing import Any
 from models.config import ARCHITECTURE_KEYS  # a registered name keeps them across versions
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.tracking import check_reachable, resolve_tracking_uri
-from pipeline.workflow import stages_data, stages_model, stages_report
+import pipeline.workflow.stages_data as stages_data
+import pipeline.workflow.stages_model as stages_model
+import pipeline.workflow.stages_report as stages_report
 from pipeline.workflow.context import Context, Resolved, resolve
 from pipeline.workflow.records import StageOutcome, StageRecords, WorkflowRun, fingerprint, summary_text
 from pipeline.workflow.spec import STAGES, StageFailed, Workflow, WorkflowError
