@@ -12,7 +12,7 @@ ARCHITECTURE_KEYS = ("layer", "image_size", "in_channels", "ndf", "ngf", "nz", "
 """The ModelConfig fields that fix what a model's weights are: their shapes, and (``layer``) whether they are
 CSC dictionaries or plain convolution filters, which have the same shapes. A checkpoint resumes and a
 registered model name takes a new version only where all of them agree (pipeline/checkpoint.py
-``check_architecture``, pipeline/workflow.py)."""
+``check_architecture``, pipeline/workflow/runner.py)."""
 
 
 @dataclass
