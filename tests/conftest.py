@@ -117,3 +117,28 @@ def demo_shards(tmp_path_factory) -> str:
 
     return ensure_demo_shards(str(tmp_path_factory.mktemp("demo")), progress=False, counts=(256, 64, 64),
                               shard_maxcount=64)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (free port; moto[server] provides it), with fake credentials in the
+    environment and the bucket ``shards-bucket``. Yields the environment it set."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
+    import fsspec
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # inherited by spawned writer processes and loader workers
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("shards-bucket")
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    fsspec.filesystem("s3").clear_instance_cache()
+    server.stop()

@@ -2,38 +2,12 @@
 processes, read the manifest, verify, stream batches; no temporary object is ever left visible."""
 from __future__ import annotations
 
-import os
-
 import fsspec
-import pytest
 
 from sharding.manifest import read_manifest
 from sharding.stream import make_eval_loader, make_train_loader
 from sharding.verify import verify_shards
 from tests.sharding.shardtest_helpers import run_cli
-
-moto_server = pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server on 127.0.0.1 (free port), with fake credentials in the environment."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # inherited by spawned writer processes and loader workers
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("shards-bucket")
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    fsspec.filesystem("s3").clear_instance_cache()
-    server.stop()
 
 
 def test_shard_verify_and_stream_from_s3(s3_endpoint):
