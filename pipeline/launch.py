@@ -101,12 +101,11 @@ def prepare(cfg: ExperimentConfig, dry_run: bool = False) -> ExperimentConfig:
                 data = dataclasses.replace(data, shards=ensure_demo_shards(storage))
         if planned is None:
             manifest = check_shards(data.shards, data.train_split, cfg.model.image_size, data.eval_split)
-            classes = manifest.num_classes_in(data.train_split)
-        else:
+        if objective.mode == "multiclass" and not objective.num_classes:
             from sharding.ensure import num_classes_in
 
-            classes = num_classes_in(planned, data.train_split)
-        if objective.mode == "multiclass" and not objective.num_classes:
+            classes = manifest.num_classes_in(data.train_split) if planned is None else \
+                num_classes_in(planned, data.train_split)
             objective = dataclasses.replace(objective, num_classes=classes)
     if objective.mode == "multiclass" and objective.num_classes < 2:
         raise ConfigError(f"objective.mode=multiclass needs at least 2 classes; got {objective.num_classes}")
@@ -259,8 +258,10 @@ def run_training(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> T
         return None
     print(f"[cscctrl] finished {cfg.run.name}; checkpoint: {result.checkpoint.path if result.checkpoint else '-'}",
           flush=True)
-    return TrainResult(run_name=cfg.run.name, run_dir=f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}",
-                       checkpoint=str(result.checkpoint.path) if result.checkpoint else "", steps=cfg.train.steps)
+    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    # Ray's checkpoint path has no scheme on object stores: the URL is the run folder's plus the folder name.
+    checkpoint = f"{run_dir}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}" if result.checkpoint else ""
+    return TrainResult(run_name=cfg.run.name, run_dir=run_dir, checkpoint=checkpoint, steps=cfg.train.steps)
 
 
 def repair_checkpoints(cfg: ExperimentConfig) -> None:

@@ -119,10 +119,11 @@ def demo_shards(tmp_path_factory) -> str:
                               shard_maxcount=64)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (free port; moto[server] provides it), with fake credentials in the
-    environment and the bucket ``shards-bucket``. Yields the environment it set."""
+    environment and the bucket ``shards-bucket``. Yields the environment it set. One per session: moto keeps
+    its buckets in this process's memory, so a second server would see the first one's."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
     import fsspec
 
