@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
+
+import fsspec
 
 from pipeline.evaluate import EvalReport, evaluate_checkpoint
 from pipeline.tracking import tracking_uri_set_to
@@ -23,18 +24,22 @@ def evaluate_inputs(ctx: Context) -> tuple[dict[str, Any], None]:
 
 
 def evaluate_valid(ctx: Context, outputs: dict[str, Any]) -> bool:
-    return all(Path(p).exists() for p in outputs.get("reports", {}).values())
+    def exists(url: str) -> bool:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+
+    return all(exists(p) for p in outputs.get("reports", {}).values())
 
 
 def evaluate_run(ctx: Context, _: None, stage_run_id: str) -> dict[str, Any]:
     e, train = ctx.wf.evaluate, ctx.outputs["train"]
-    out_root = Path(train["run_dir"]) / f"workflow-eval-{ctx.fingerprints['evaluate'][:8]}"
+    out_root = f"{train['run_dir'].rstrip('/')}/workflow-eval-{ctx.fingerprints['evaluate'][:8]}"
     table, reports = [], {}
     for s in e.sets:
         data = eval_shards(ctx.wf, s, ctx.progress) if s.source else s.data
         report: EvalReport = evaluate_checkpoint(
             train["run_dir"], data=data, split=s.split, reference_split="train", max_batches=e.max_batches,
-            batch_size=e.batch_size, device="cpu", fd=e.fd, out=str(out_root / s.name), tracking_uri=ctx.uri)
+            batch_size=e.batch_size, device="cpu", fd=e.fd, out=f"{out_root}/{s.name}", tracking_uri=ctx.uri)
         if report.lost_samples:
             raise RuntimeError(f"evaluation on {s.name}: {report.losses_text()}")
         table.append({"set": s.name, "data": data or ctx.wf.shard_url, "split": s.split,

@@ -2,7 +2,9 @@
 server: the shards (written by Ray tasks), the stage records and the training run's checkpoints live in
 the bucket; running it again skips every stage from what the bucket holds.
 
-(The evaluate stage is left out: its reports are written to local paths only; see the issue.)
+(No evaluate stage yet: pipeline/evaluate.py loads a run folder and writes its report through local paths
+only, Path(source).exists() and report folders made with mkdir; once they go through fsspec, add an
+evaluation set here.)
 """
 from __future__ import annotations
 
