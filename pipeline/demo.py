@@ -15,7 +15,7 @@ so running it again skips what is done and resumes what was interrupted:
 
 The photo crops are not the training data because, measured on 2 CPUs, CTRL (CSC or plain convolutions,
 binary or with the photo as class) does not learn to reconstruct natural-image crops in minutes.
-`ensure_demo_shards` still writes them: `cscctrl train` without data.shards trains on them, and tests use
+`ensure_demo_shards` (sharding/ensure.py) still writes them: `cscctrl train` without data.shards trains on them, and tests use
 them as small real colour images.
 """
 from __future__ import annotations
@@ -24,31 +24,12 @@ import argparse
 import sys
 from pathlib import Path
 
-DEMO_TRAIN, DEMO_VAL, DEMO_UNSEEN = 3072, 256, 256  # crops per split
-DEMO_SHARD_MAXCOUNT = 512  # samples per shard (several shards, so 2 ranks × loader workers split them)
+from pipeline.workflow import run as run_workflow_command
+from sharding.ensure import DEMO_COUNTS, DEMO_SHARD_MAXCOUNT, ensure_demo_shards
 
-
-def ensure_demo_shards(storage: str, image_size: int = 32, progress: bool = True,
-                       counts: tuple[int, int, int] = (DEMO_TRAIN, DEMO_VAL, DEMO_UNSEEN),
-                       shard_maxcount: int = DEMO_SHARD_MAXCOUNT) -> str:
-    """Write the demo shards once under ``storage``; later calls reuse them (the manifest marks them done)."""
-    from sharding.manifest import ManifestError, read_manifest
-    from sharding.plan import plan_shards
-    from sharding.sources import open_source
-    from sharding.storage import Destination
-    from sharding.write import shard_source
-
-    url = f"{storage.rstrip('/')}/demo-shards-{image_size}px"
-    try:
-        read_manifest(url)
-        return url
-    except (FileNotFoundError, ManifestError):
-        pass
-    train, val, unseen = counts
-    source = open_source("demo", seed=0, train=train, val=val, unseen=unseen, size=image_size)
-    plan = plan_shards(source, shard_maxcount=shard_maxcount)
-    shard_source(plan, Destination(url), workers=1, progress=progress)
-    return url
+DEMO_TRAIN, DEMO_VAL, DEMO_UNSEEN = DEMO_COUNTS  # crops per split
+__all__ = ["DEMO_SHARD_MAXCOUNT", "DEMO_TRAIN", "DEMO_UNSEEN", "DEMO_VAL", "add_arguments", "ensure_demo_shards",
+           "main"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,13 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the bundled workflow pipeline/workflows/demo.yaml (shard -> verify -> 2-trial sweep -> train ->
     evaluate on val and unseen -> register csc-ctrl-demo@candidate) with the options mapped to its keys."""
-    from pipeline import workflow
-
     storage = str(Path(args.storage).expanduser().resolve())
     items = [f"storage={storage}", f"train.steps={args.steps}", f"scaling.num_workers={args.workers}",
              *args.overrides]
-    rc = workflow.main(argparse.Namespace(workflow="demo", items=items, from_stage=None, print_plan=False,
-                                          no_progress=False))
+    rc = run_workflow_command("demo", items)
     if rc == 0:
         print("\n[demo] done. Browse the runs:\n"
               f"  {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:///{storage}/mlflow.db "

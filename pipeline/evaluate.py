@@ -295,61 +295,107 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    cfg, encoder, decoder, desc = load_trained(args.source, args.tracking_uri)
-    data = args.data or cfg.data.shards
-    manifest = read_manifest(data)
-    if args.split not in manifest.splits:
-        raise ValueError(f"split {args.split!r} not in {data} (splits: {', '.join(manifest.splits)})")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine's PyTorch ({torch.__version__}) sees no CUDA device; "
-                         f"use --device cpu (or auto)")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    encoder.to(device), decoder.to(device)
-    fd = None
-    if not args.no_fd:
-        fd = EffNetLite0Features(device)
+    report = evaluate_checkpoint(args.source, data=args.data, split=args.split, reference_split=args.reference_split,
+                                 max_batches=args.max_batches, batch_size=args.batch_size, device=args.device,
+                                 fd=not args.no_fd, out=args.out, tracking_uri=args.tracking_uri)
+    print(json.dumps(report.to_dict(), indent=2))
+    print(f"[cscctrl] report: {report.path}")
+    if report.lost_samples:
+        allowed = getattr(args, "allow_lost_samples", False)
+        print(f"cscctrl eval: {'WARNING' if allowed else 'error'}: {report.losses_text()}"
+              f"{'' if allowed else ' (--allow-lost-samples accepts the incomplete evaluation)'}", file=sys.stderr)
+        return 0 if allowed else 1
+    return 0
 
-    def loader(split: str) -> Any:
-        return make_eval_loader(data, split=split, image_size=cfg.model.image_size, batch_size=args.batch_size,
+
+@dataclass(frozen=True)
+class EvalReport:
+    """One evaluation of a trained model on one split (the report's metrics.json, typed)."""
+
+    model: str
+    layer: str
+    trained_on: str
+    evaluated_on: str
+    generalisation: bool
+    metrics: dict[str, float]
+    samples: dict[str, Any] | None
+    """Sample accounting of an exact pass (sharding/stream.py); None when max_batches cut it short."""
+
+    out: str
+    """The report's folder (a path or a URL)."""
+
+    path: str
+    """Its report.html."""
+
+    @property
+    def lost_samples(self) -> int:
+        return int(self.samples["lost"]) if self.samples else 0
+
+    def losses_text(self) -> str:
+        return describe_losses(self.samples, self.evaluated_on) if self.samples else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"model": self.model, "layer": self.layer, "trained_on": self.trained_on,
+             "evaluated_on": self.evaluated_on, "generalisation": self.generalisation, "metrics": self.metrics}
+        if self.samples is not None:
+            d["samples"] = self.samples
+        return d
+
+
+def evaluate_checkpoint(source: str, *, data: str = "", split: str = "val", reference_split: str = "train",
+                        max_batches: int = 0, batch_size: int = 256, device: str = "auto", fd: bool = True,
+                        out: str = "", tracking_uri: str = "") -> EvalReport:
+    """Evaluate the model of ``source`` (checkpoint, Ray run directory or MLflow run id) on ``split`` of
+    ``data`` (default: the shards it trained on); write the report under ``out`` (a path or URL; default
+    <run dir>/eval-<split>) and attach it to the training run's MLflow run when there is one."""
+    cfg, encoder, decoder, desc = load_trained(source, tracking_uri)
+    data_url = data or cfg.data.shards
+    manifest = read_manifest(data_url)
+    if split not in manifest.splits:
+        raise ValueError(f"split {split!r} not in {data_url} (splits: {', '.join(manifest.splits)})")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine's PyTorch ({torch.__version__}) sees no CUDA device; "
+                         f"use --device cpu (or auto)")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    encoder.to(dev), decoder.to(dev)
+    fd_features = EffNetLite0Features(dev) if fd else None
+
+    def loader(name: str) -> Any:
+        return make_eval_loader(data_url, split=name, image_size=cfg.model.image_size, batch_size=batch_size,
                                 num_workers=0, rank=0, world_size=1, channels=cfg.model.in_channels)
 
     k = cfg.objective.num_classes if cfg.objective.mode == "multiclass" else 1
-    common = dict(device=device, mode=cfg.objective.mode, num_classes=k, eps_sq=cfg.objective.eps_sq,
-                  max_batches=args.max_batches)
+    common = dict(device=dev, mode=cfg.objective.mode, num_classes=k, eps_sq=cfg.objective.eps_sq,
+                  max_batches=max_batches)
     labelled = manifest.num_classes > 1
-    initial = [w.to(device) for w in initial_dictionaries(cfg.model, cfg.run.seed)]
-    test_loader = loader(args.split)
-    test = evaluate_model(encoder, decoder, test_loader, keep_features=labelled, fd_features=fd,
+    initial = [w.to(dev) for w in initial_dictionaries(cfg.model, cfg.run.seed)]
+    test_loader = loader(split)
+    test = evaluate_model(encoder, decoder, test_loader, keep_features=labelled, fd_features=fd_features,
                           initial_atoms=initial, **common)
     metrics = dict(test.metrics)
     metrics["lost_samples"] = float(test_loader.stats.lost_samples)  # sharding/stream.py: sample accounting
-    samples = test_loader.account(int(test.metrics["images"])) if not args.max_batches else None
-    if labelled and args.reference_split in manifest.splits and args.reference_split != args.split:
-        ref = evaluate_model(encoder, decoder, loader(args.reference_split), keep_features=True, **common)
+    samples = test_loader.account(int(test.metrics["images"])) if not max_batches else None
+    if labelled and reference_split in manifest.splits and reference_split != split:
+        ref = evaluate_model(encoder, decoder, loader(reference_split), keep_features=True, **common)
         metrics.update(feature_accuracy(ref, test, manifest.num_classes))
     trained_on = cfg.data.shards
     report = {"model": desc, "layer": cfg.model.layer, "trained_on": trained_on,
-              "evaluated_on": f"{data} [{args.split}]",
-              "generalisation": data != trained_on, "metrics": metrics}
+              "evaluated_on": f"{data_url} [{split}]",
+              "generalisation": data_url != trained_on, "metrics": metrics}
     if samples is not None:  # an exact pass: every sample the manifest lists was read or is counted as lost
         metrics["lost_samples"] = float(samples["lost"])
         report["samples"] = samples
-    out = args.out or f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/eval-{args.split}"
-    run = training_run(cfg, args.tracking_uri or cfg.tracking.uri)
+    out = out or f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/eval-{split}"
+    run = training_run(cfg, tracking_uri or cfg.tracking.uri)
     with report_folder(out) as (folder, publish):
         write_report(folder, report, encoder, decoder, test, cfg, history=training_history(*run) if run else None)
         path = publish()
         if run:
-            _log_eval_to_mlflow(*run, args, report, folder, shard_dataset(data, args.split, "evaluation", manifest))
-    print(json.dumps(report, indent=2))
-    print(f"[cscctrl] report: {path}")
-    if samples is not None and samples["lost"]:
-        allowed = getattr(args, "allow_lost_samples", False)
-        print(f"cscctrl eval: {'WARNING' if allowed else 'error'}: {describe_losses(samples, f'{data} [{args.split}]')}"
-              f"{'' if allowed else ' (--allow-lost-samples accepts the incomplete evaluation)'}", file=sys.stderr)
-        return 0 if allowed else 1
-    return 0
+            _log_eval_to_mlflow(*run, data, split, report, folder,
+                                shard_dataset(data_url, split, "evaluation", manifest))
+    return EvalReport(model=desc, layer=cfg.model.layer, trained_on=trained_on, evaluated_on=report["evaluated_on"],
+                      generalisation=report["generalisation"], metrics=metrics, samples=samples, out=out, path=path)
 
 
 @contextlib.contextmanager
@@ -404,13 +450,13 @@ def training_history(client: Any, run_id: str) -> dict[str, list[tuple[int, floa
         return {}
 
 
-def _log_eval_to_mlflow(client: Any, run_id: str, args: argparse.Namespace, report: dict[str, Any],
+def _log_eval_to_mlflow(client: Any, run_id: str, data: str, split: str, report: dict[str, Any],
                         out: Path, dataset: dict[str, Any]) -> None:
     """Attach the evaluation to the training run's MLflow run (metrics eval/<split>/..., report files, and
     the evaluated split as a dataset input in the context "evaluation": pipeline/datasets.py)."""
     try:
-        name = Path(args.data).name if args.data else "trained-data"
-        prefix = f"eval/{name}/{args.split}"
+        name = Path(data).name if data else "trained-data"
+        prefix = f"eval/{name}/{split}"
         for k, v in report["metrics"].items():
             client.log_metric(run_id, f"{prefix}/{k}", float(v))
         client.log_artifacts(run_id, str(out), artifact_path=prefix)

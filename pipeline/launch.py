@@ -20,12 +20,12 @@ from pipeline.checkpoint import repair_run
 from pipeline.cli import invocation
 from pipeline.config import ConfigError, ExperimentConfig, dump_yaml, load_config
 from pipeline.content_hash import config_identity, content_hash
-from pipeline.demo import ensure_demo_shards  # to become sharding.ensure.ensure_shards (issue 16)
 from pipeline.ray_init import init_ray
 from pipeline.resume import check_resume
 from pipeline.sizes import check_worker_memory, host_memory_bytes
 from pipeline.tracking import check_reachable, resolve_tracking_uri
 from pipeline.worker import train_loop_per_worker
+from sharding.ensure import demo_plan, demo_shards_url, ensure_demo_shards, existing_manifest, num_classes_in
 from sharding.manifest import ManifestError, read_manifest
 from sharding.storage import is_url
 
@@ -67,28 +67,50 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result is not None else 1
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a finished training run left: its name, its folder under run.storage_path, its last checkpoint."""
+
+    run_name: str
+    run_dir: str
+    checkpoint: str
+    """The newest checkpoint's path ('' when the run reported none)."""
+
+    steps: int
+
+
 def default_run_name(cfg: ExperimentConfig) -> str:
     """Content-based: the same config gives the same name (so re-running resumes); no timestamps."""
     return f"ctrl-{cfg.model.image_size}px-{cfg.objective.mode}-{content_hash(config_identity(cfg))}"
 
 
-def resolve_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
+def resolve_run_config(cfg: ExperimentConfig, dry_run: bool = False) -> ExperimentConfig:
     """Fill what the workers must agree on (run name, absolute storage, tracking URI, class count) and
-    fail here, before any worker starts, on anything that would fail later."""
+    fail here, before any worker starts, on anything that would fail later. ``dry_run`` (a plan print)
+    writes nothing: default demo shards that do not exist yet are planned, not written, and the default
+    MLflow store's folder is not created."""
     run, data, tracking, objective = cfg.run, cfg.data, cfg.tracking, cfg.objective
     storage = run.storage_path if is_url(run.storage_path) else str(Path(run.storage_path).expanduser().resolve())
     run = dataclasses.replace(run, storage_path=storage)
     cfg = dataclasses.replace(cfg, run=run)
     if not data.synthetic:
+        planned = None
         if not data.shards:
-            data = dataclasses.replace(data, shards=ensure_demo_shards(storage))
-        manifest = check_shards(data.shards, data.train_split, cfg.model.image_size, data.eval_split)
+            if dry_run and existing_manifest(demo_shards_url(storage)) is None:
+                planned = demo_plan()
+                data = dataclasses.replace(data, shards=demo_shards_url(storage))
+            else:
+                data = dataclasses.replace(data, shards=ensure_demo_shards(storage))
+        if planned is None:
+            manifest = check_shards(data.shards, data.train_split, cfg.model.image_size, data.eval_split)
         if objective.mode == "multiclass" and not objective.num_classes:
-            objective = dataclasses.replace(objective, num_classes=manifest.num_classes_in(data.train_split))
+            classes = manifest.num_classes_in(data.train_split) if planned is None else \
+                num_classes_in(planned, data.train_split)
+            objective = dataclasses.replace(objective, num_classes=classes)
     if objective.mode == "multiclass" and objective.num_classes < 2:
         raise ConfigError(f"objective.mode=multiclass needs at least 2 classes; got {objective.num_classes}")
     cfg = dataclasses.replace(cfg, data=data, objective=objective)
-    uri = resolve_tracking_uri(cfg)
+    uri = resolve_tracking_uri(cfg, create=not dry_run)
     check_reachable(uri)
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(tracking, uri=uri))
     if not run.name:
@@ -100,10 +122,6 @@ def resolve_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
         check_worker_memory(cfg, host_memory_bytes())
     check_resume(cfg)
     return cfg
-
-
-# pipeline/workflow.py still imports the old name; it goes once the workflow package calls resolve_run_config.
-prepare = resolve_run_config
 
 
 def check_shards(url: str, split: str, image_size: int, eval_split: str = "") -> Any:
@@ -187,9 +205,9 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> 
     )
 
 
-def run_training(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> Any:
-    """Fit the run described by a resolved config (``resolve_run_config``); returns Ray's Result, or None when training failed
-    (the error is printed, naming what failed)."""
+def run_training(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainResult | None:
+    """Fit the run described by a resolved config (``resolve_run_config``); returns what it left, or None
+    when training failed    (the error is printed, naming what failed)."""
     import ray.train
 
     if cfg.scaling.num_workers > 0:
@@ -205,7 +223,10 @@ def run_training(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> A
         return None
     print(f"[cscctrl] finished {cfg.run.name}; checkpoint: {result.checkpoint.path if result.checkpoint else '-'}",
           flush=True)
-    return result
+    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    # Ray's checkpoint path has no scheme on object stores: the URL is the run folder's plus the folder name.
+    checkpoint = f"{run_dir}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}" if result.checkpoint else ""
+    return TrainResult(run_name=cfg.run.name, run_dir=run_dir, checkpoint=checkpoint, steps=cfg.train.steps)
 
 
 def repair_checkpoints(cfg: ExperimentConfig) -> None:

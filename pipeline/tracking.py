@@ -40,8 +40,9 @@ RUN_NAME_TAG = "cscctrl.run_name"
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
 
 
-def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite store beside the checkpoints."""
+def resolve_tracking_uri(cfg: ExperimentConfig, create: bool = True) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite store beside the checkpoints (whose folder is
+    created unless ``create`` is false: a plan print writes nothing)."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         return uri
@@ -50,7 +51,8 @@ def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
             f"run.storage_path={cfg.run.storage_path!r} is remote, so the default local MLflow store cannot "
             f"live beside it: set tracking.uri (e.g. http://127.0.0.1:5000 on the head node)")
     root = Path(cfg.run.storage_path).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 

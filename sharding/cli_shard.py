@@ -12,7 +12,9 @@ import logging
 import os
 import re
 import sys
+import time
 
+from sharding.fanout import shard_on_ray, write_report
 from sharding.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, ImageOptions
 from sharding.lock import DestLock
 from sharding.plan import DEFAULT_SHARD_MAXCOUNT, DEFAULT_SHARD_MAXSIZE, parse_indices, plan_shards
@@ -28,6 +30,7 @@ examples:
   cscctrl shard demo runs/shards/demo
   cscctrl shard /data/imagenet s3://bucket/imagenet-160 --resize 160 --quality 90 --workers 16
   cscctrl shard /data/imagenet /data/shards --shards 0:100   # only shard indices 0..99 (fan-out)
+  cscctrl shard /data/imagenet s3://bucket/imagenet-160 --resize 160 --ray   # Ray tasks on every node
 
 An interrupted run resumes when started again with the same arguments: finished shards are kept and
 the result is byte-identical to an uninterrupted run.
@@ -67,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="processes writing whole shards in parallel (default %(default)s)")
+    g.add_argument("--ray", action="store_true",
+                   help="write as Ray tasks over disjoint shard ranges, spread over the nodes of the cluster named "
+                        "by RAY_ADDRESS (else a local one); DEST must be shared storage on several nodes")
+    g.add_argument("--tasks", type=int, default=0, metavar="N",
+                   help="with --ray: Ray tasks (default 0: one per CPU of the cluster, at most one per shard)")
     g.add_argument("--shards", default=None, metavar="RANGE",
                    help="write only these shard indices: 0:100, 5, 1,4,7 (the manifest is written once all exist)")
     g.add_argument("--overwrite", action="store_true",
@@ -102,12 +110,21 @@ def main(args: argparse.Namespace) -> int:
                            splits=args.splits.split(",") if args.splits else None,
                            max_per_split=args.max_per_split)
         indices = parse_indices(args.shards, len(plan.shards)) if args.shards else None
+        if args.ray and (indices is not None or dest.is_memory):
+            raise ValueError("--ray writes every shard of the plan to storage every node can reach: drop "
+                             + ("--shards" if indices is not None else "--ray (memory:// lives in this process)"))
         with DestLock(dest, exclusive=indices is None):  # sharding/lock.py: one full job, or range jobs
             prepare_destination(plan, dest, overwrite=args.overwrite)
             if indices is None:
                 dest.remove_stale_temporaries()
-            workers = 1 if dest.is_memory else args.workers
-            report = write_shards(plan, dest, indices, workers=workers, progress=not args.no_progress)
+            if args.ray:
+                start = time.perf_counter()
+                results = shard_on_ray(plan, dest, args.tasks, progress=not args.no_progress)
+                report = write_report(plan, dest, results, time.perf_counter() - start)
+                print(f"cscctrl shard: {len(results)} Ray task(s) on {len({r['node'] for r in results})} node(s)")
+            else:
+                workers = 1 if dest.is_memory else args.workers
+                report = write_shards(plan, dest, indices, workers=workers, progress=not args.no_progress)
             return _finish(plan, dest, report, remove_temporaries=indices is None)
     except (SourceError, DestinationError, ValueError) as exc:
         print(f"cscctrl shard: error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import re
 import tarfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sharding.images import ImageOptions, RejectedImage, check_pillow_is_strict, prepare_image
+from sharding.lock import DestLock
 from sharding.layout import SHARD_MTIME, TAR_FORMAT, TAR_MODE, TAR_OWNER, sample_json
 from sharding.manifest import SUMMARY_NAME, Manifest, read_manifest, write_manifest
 from sharding.plan import ShardPlan, ShardSpec
@@ -251,7 +253,6 @@ def exit_with_parent(parent_pid: int) -> None:
     """Pool-worker initializer: end this worker when the process that started it is gone (killed with
     SIGKILL, say). A spawned worker holds both ends of the pool's task queue, so it never sees the parent's
     end close and would otherwise wait for work forever."""
-    import threading
 
     def watch() -> None:
         while True:
@@ -300,8 +301,6 @@ def shard_source(plan: ShardPlan, dest: Destination, *, workers: int = 1, progre
                  overwrite: bool = False) -> tuple[Manifest, WriteReport]:
     """The whole job in one process tree: prepare DEST, write every shard, write the manifest (holding DEST's
     lock: sharding/lock.py)."""
-    from sharding.lock import DestLock
-
     dest.check_writable()
     with DestLock(dest, exclusive=True):
         prepare_destination(plan, dest, overwrite=overwrite)

@@ -113,19 +113,20 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> str:
     """Small shards of real photo crops (the demo source): train 256 / val 64 / unseen 64 at 32 px."""
-    from pipeline.demo import ensure_demo_shards
+    from sharding.ensure import ensure_demo_shards
 
     return ensure_demo_shards(str(tmp_path_factory.mktemp("demo")), progress=False, counts=(256, 64, 64),
                               shard_maxcount=64)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_endpoint():
-    """moto's S3 server (a real S3-compatible server process thread) on 127.0.0.1 (free port), with fake
-    credentials in the environment and a bucket 'shards-bucket'. Yields the environment it set."""
+    """moto's S3 server on 127.0.0.1 (free port; moto[server] provides it), with fake credentials in the
+    environment and the bucket ``shards-bucket``. Yields the environment it set. One per session: moto keeps
+    its buckets in this process's memory, so a second server would see the first one's."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
     import fsspec
 
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

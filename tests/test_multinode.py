@@ -101,7 +101,7 @@ def two_nodes(tmp_path_factory):
 SHARD_ON_RAY = """
 import json, sys
 import ray
-from pipeline.workflow import shard_on_ray
+from sharding.fanout import shard_on_ray
 from sharding.plan import plan_shards
 from sharding.sources import open_source
 from sharding.storage import Destination

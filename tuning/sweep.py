@@ -35,6 +35,7 @@ from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.launch import build_trainer, repair_checkpoints, resolve_run_config, with_command
 from pipeline.ray_init import init_ray
 from pipeline.tracking import MLflowTracker, find_run
+from sharding.ensure import demo_plan, describe_shards, existing_manifest
 from sharding.manifest import read_manifest
 from sharding.storage import Destination
 from tuning import analysis, state_seal
@@ -77,6 +78,8 @@ class SweepPlan:
     num_trials: int
     max_t: int
     grace_period: int
+    pending_shards: dict[str, Any] | None = None
+    """A plan print only: the default demo shards the sweep would write first (sharding/ensure.py)."""
 
     @property
     def experiment_root(self) -> str:
@@ -137,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         spec = load_sweep(args.config, args.items)
-        plan = plan_sweep(spec)
+        plan = plan_sweep(spec, dry_run=args.print_plan)
         if args.print_plan:
             print(describe_plan(plan), end="")
             return 0
@@ -167,6 +170,8 @@ def describe_plan(plan: SweepPlan) -> str:
         "space": describe_space(plan.dims),
         "resources per trial": dataclasses.asdict(s.resources),
     }
+    if plan.pending_shards is not None:
+        doc["shards (written by the first run)"] = plan.pending_shards
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True) + "base config:\n" + "".join(
         f"  {line}\n" for line in yaml.safe_dump(plan.base.to_dict(), sort_keys=False).splitlines())
 
@@ -176,16 +181,24 @@ def describe_plan(plan: SweepPlan) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def plan_sweep(spec: SweepSpec) -> SweepPlan:
+def plan_sweep(spec: SweepSpec, dry_run: bool = False) -> SweepPlan:
     """Resolve and check the sweep: base config, space keys and values, metrics, ASHA's rungs, shards and
-    MLflow. Raises ConfigError (or FileNotFoundError / ConnectionError) before anything runs."""
+    MLflow. Raises ConfigError (or FileNotFoundError / ConnectionError) before anything runs. ``dry_run``
+    (a plan print) writes nothing: default demo shards not written yet are described instead."""
     base = load_config(spec.config or None, {**spec.base, **spec.resources.scaling_overrides()})
     dims = parse_space(resolve_space(spec.space), base)
     param_space = to_param_space(dims, spec.search)
-    base = resolve_run_config(base)
+    base = resolve_run_config(base, dry_run=dry_run)
     splits = None
+    pending = None
     if not base.data.synthetic:
-        splits = list(read_manifest(base.data.shards).splits)
+        manifest = existing_manifest(base.data.shards) if dry_run else None
+        if dry_run and manifest is None:  # the default demo shards were planned, not written
+            planned = demo_plan()
+            pending = describe_shards(planned, base.data.shards)
+            splits = planned.splits
+        else:
+            splits = list((manifest or read_manifest(base.data.shards)).splits)
     check_metric(spec.metric, "metric", base, splits, every_report=False)
     max_t = _max_steps(base, dims)
     grace = 0
@@ -194,7 +207,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         grace = asha_grace_period(spec, dataclasses.replace(base, train=dataclasses.replace(base.train, steps=max_t)))
     num_trials = spec.num_samples * grid_size(dims, spec.search)
     return SweepPlan(spec=spec, name=sweep_name(spec, base), base=base, dims=dims, param_space=param_space,
-                     num_trials=num_trials, max_t=max_t, grace_period=grace)
+                     num_trials=num_trials, max_t=max_t, grace_period=grace, pending_shards=pending)
 
 
 def _max_steps(base: ExperimentConfig, dims: list[Dimension]) -> int:

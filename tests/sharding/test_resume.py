@@ -115,3 +115,37 @@ def test_cli_writes_a_range_of_shards_then_finishes(tmp_path):
     rest = run_cli(*args)
     assert rest.returncode == 0 and "2 shards written, 1 already finished" in rest.stdout
     assert (tmp_path / "manifest.json").exists()
+
+
+@pytest.mark.ray
+def test_cli_on_ray_tasks_writes_identical_bytes(tmp_path, reference):
+    """`cscctrl shard --ray`: Ray tasks over disjoint shard ranges (sharding/fanout.py) write the bytes one
+    process writes."""
+    dest = tmp_path / "ray"
+    refused = run_cli("shard", "demo", str(dest), "--ray", "--shards", "0:2", *DEMO_ARGS)
+    assert refused.returncode == 2 and "drop --shards" in refused.stderr
+    result = run_cli("shard", "demo", str(dest), "--ray", "--tasks", "3", "--no-progress", *DEMO_ARGS,
+                     env={"RAY_ADDRESS": ""}, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"{NUM_SHARDS} shards written, 0 already finished, 600 samples" in result.stdout
+    assert "3 Ray task(s) on 1 node(s)" in result.stdout
+    assert_identical(reference, dest)
+
+
+def test_ensure_shards_writes_once_then_reuses_and_keeps_another_plans_shards(tmp_path, reference):
+    from sharding.ensure import ensure_shards
+
+    url = str(tmp_path / "cache")
+    first = ensure_shards(demo_plan(), url)
+    assert not first.reused and first.report.written == list(range(NUM_SHARDS))
+    assert_identical(reference, tmp_path / "cache")
+    times = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    again = ensure_shards(demo_plan(), url)
+    assert again.reused and again.manifest.summary["fingerprint"] == demo_plan().fingerprint
+    other = plan_shards(DemoSource(seed=5, train=50, val=0, unseen=0, size=24), shard_maxcount=20, seed=5)
+    with pytest.raises(PlanMismatchError):
+        ensure_shards(other, url)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()} == times
+    replaced = ensure_shards(other, url, overwrite=True)  # a cache of the caller's own
+    assert not replaced.reused and replaced.manifest.summary["fingerprint"] == other.fingerprint
+    assert shard_names(tmp_path / "cache") == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]

@@ -2,16 +2,12 @@
 processes, read the manifest, verify, stream batches; no temporary object is ever left visible."""
 from __future__ import annotations
 
-
 import fsspec
-import pytest
 
 from sharding.manifest import read_manifest
 from sharding.stream import make_eval_loader, make_train_loader
 from sharding.verify import verify_shards
 from tests.sharding.shardtest_helpers import run_cli
-
-pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
 
 
 def test_shard_verify_and_stream_from_s3(s3_endpoint):
