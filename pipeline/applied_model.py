@@ -17,6 +17,7 @@ INPUT_TEXT), in eval mode, without gradients, on ``device``.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Callable
@@ -72,6 +73,15 @@ class AppliedModel:
         if self._reconstruct is None:
             raise ModelSourceError(f"{self.description} cannot reconstruct")
         return self._reconstruct(x.to(self.device, torch.float32)).float()
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The options of every command that applies a trained MODEL (encode, reconstruct): where it runs and
+    which MLflow store names it."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto = the GPU when torch sees one "
+                                                    "(default auto)")
+    p.add_argument("--tracking-uri", default="", help="MLflow store of MODEL when it is models:/… or a run id "
+                                                      "(default: $MLFLOW_TRACKING_URI, else runs/mlflow.db here)")
 
 
 def pick_device(name: str) -> torch.device:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.applied_model import MODEL_HELP, load_applied_model, pick_device
+from pipeline.applied_model import MODEL_HELP, add_model_options, load_applied_model, pick_device
 from pipeline.image_files import image_batches, list_images
 from sharding.manifest import read_manifest
 from sharding.stream import describe_losses, make_eval_loader
@@ -67,10 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     p.add_argument("--workers", type=int, default=2,
                    help="processes decoding images beside the model (default 2; 0 = decode in this process)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto = the GPU when torch sees one "
-                                                    "(default auto)")
-    p.add_argument("--tracking-uri", default="", help="MLflow store of MODEL when it is models:/… or a run id "
-                                                      "(default: $MLFLOW_TRACKING_URI, else runs/mlflow.db here)")
+    add_model_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists (default: refuse)")
     p.add_argument("--allow-lost-samples", action="store_true",
                    help="exit 0 when samples the manifest lists could not be read (damaged shards); they are "

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import metrics as M
-from pipeline.applied_model import MODEL_HELP, load_applied_model, pick_device
+from pipeline.applied_model import MODEL_HELP, add_model_options, load_applied_model, pick_device
 from pipeline.encode import write_refused
 from pipeline.image_files import image_batches, list_images
 from pipeline.pictures import recon_grid, save_png, tile, to_uint8
@@ -56,10 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes decoding images beside the model (default 0 = decode in this process)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto = the GPU when torch sees one "
-                                                    "(default auto)")
-    p.add_argument("--tracking-uri", default="", help="MLflow store of MODEL when it is models:/… or a run id "
-                                                      "(default: $MLFLOW_TRACKING_URI, else runs/mlflow.db here)")
+    add_model_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty OUT_DIR, replacing files of the same name (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
