@@ -1,11 +1,6 @@
 """A workflow whose storage is an s3:// URL, against the local S3-compatible server (moto) and a real MLflow
-server: the shards (written by Ray tasks), the stage records and the training run's checkpoints live in
-the bucket; running it again skips every stage from what the bucket holds.
-
-(No evaluate stage yet: pipeline/evaluate.py loads a run folder and writes its report through local paths
-only, Path(source).exists() and report folders made with mkdir; once they go through fsspec, add an
-evaluation set here.)
-"""
+server: the shards (written by Ray tasks), the stage records, the training run's checkpoints and the
+evaluation reports live in the bucket; running it again skips every stage from what the bucket holds."""
 from __future__ import annotations
 
 import json
@@ -41,6 +36,7 @@ def test_workflow_with_s3_storage_runs_and_is_reused(s3_endpoint, mlflow_server,
     tree = {"name": "s3wf", "source": "demo", "source_options": {"train": 48, "val": 16, "unseen": 0, "size": 32},
             "storage": storage, "tracking_uri": mlflow_server, "experiment": "wf-s3",
             "shards": {"shard_maxcount": 16, "tasks": 2}, "training": {"set": dict(TRAINING)},
+            "evaluate": {"sets": [{"split": "val"}], "batch_size": 16},
             "register": {"model": "s3wf-model", "alias": "candidate"}}
     path = tmp_path / "s3wf.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -55,14 +51,20 @@ def test_workflow_with_s3_storage_runs_and_is_reused(s3_endpoint, mlflow_server,
 
     first = run()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert summary_states(first.stdout) == {"shard": "done", "verify": "done", "train": "done", "register": "done"}
+    assert summary_states(first.stdout) == dict.fromkeys(("shard", "verify", "train", "evaluate", "register"), "done")
     fs.invalidate_cache()
     records = json.loads(fs.cat_file("workflow-bucket/wf/workflows/s3wf/stages.json"))
-    assert {s: r["state"] for s, r in records.items()} == {s: "done" for s in ("shard", "verify", "train", "register")}
+    assert {s: r["state"] for s, r in records.items()} == dict.fromkeys(("shard", "verify", "train", "evaluate", "register"), "done")
     train = records["train"]["outputs"]
     assert train["run_dir"] == f"{storage}/{train['run_name']}"
     assert train["checkpoint"].startswith(f"{train['run_dir']}/checkpoint") and fs.exists(train["checkpoint"])
     assert sorted(p for p in os.listdir(tmp_path) if p != "s3wf.yaml") == []  # nothing written to the cwd
+    # The evaluation report of the model read back from the bucket is in the bucket, beside its run.
+    report = records["evaluate"]["outputs"]["reports"]["val"]
+    assert report.startswith(f"{train['run_dir']}/workflow-eval-") and report.endswith("/report.html")
+    assert fs.exists(report) and fs.exists(report.replace("report.html", "metrics.json"))
+    (row,) = records["evaluate"]["outputs"]["table"]
+    assert row["images"] == 16 and row["psnr"] > 0
 
     # The bucket's shards equal one process writing the same plan.
     plan = plan_shards(open_source("demo", train=48, val=16, unseen=0, size=32), shard_maxcount=16)
@@ -79,4 +81,4 @@ def test_workflow_with_s3_storage_runs_and_is_reused(s3_endpoint, mlflow_server,
 
     again = run()
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert summary_states(again.stdout) == {s: "skipped" for s in ("shard", "verify", "train", "register")}
+    assert summary_states(again.stdout) == dict.fromkeys(("shard", "verify", "train", "evaluate", "register"), "skipped")
