@@ -70,15 +70,16 @@ NORM_FLOOR = 1e-12
 def _pair(size: int | tuple[int, int] | torch.Size) -> tuple[int, int]:
     if isinstance(size, int):
         return (size, size)
-    size = tuple(int(v) for v in size)
-    if len(size) != 2:
-        raise ValueError(f"a spatial size is an int or (height, width), got {size}")
-    return size  # type: ignore[return-value]
+    pair = tuple(int(v) for v in size)
+    if len(pair) != 2:
+        raise ValueError(f"a spatial size is an int or (height, width), got {pair}")
+    return pair[0], pair[1]
 
 
 def code_size(in_size: int | tuple[int, int], kernel_size: int, stride: int, padding: int) -> tuple[int, int]:
     """Spatial size of the code: H_z = ⌊(H + 2p − k) / s⌋ + 1 per dimension."""
-    return tuple((h + 2 * padding - kernel_size) // stride + 1 for h in _pair(in_size))  # type: ignore[return-value]
+    h, w = _pair(in_size)
+    return (h + 2 * padding - kernel_size) // stride + 1, (w + 2 * padding - kernel_size) // stride + 1
 
 
 def output_padding(z_size: tuple[int, int], out_size: tuple[int, int], kernel_size: int, stride: int,
@@ -101,7 +102,8 @@ def synthesize_with(z: Tensor, weight: Tensor, out_size: int | tuple[int, int], 
                     padding: int) -> Tensor:
     """A z = conv_transpose2d(z, W, s, p, output_padding=o), o from eq. (4) so the output is exactly
     ``out_size``. z: (b, M, H_z, W_z), weight: (M, C, k, k) → (b, C, H, W)."""
-    o = output_padding(tuple(z.shape[-2:]), _pair(out_size), weight.shape[-1], stride, padding)
+    h_z, w_z = z.shape[-2:]
+    o = output_padding((h_z, w_z), _pair(out_size), weight.shape[-1], stride, padding)
     return F.conv_transpose2d(z, weight, stride=stride, padding=padding, output_padding=o)
 
 
@@ -131,6 +133,11 @@ class CSCLayer(nn.Module):
     Shapes: x (b, in_channels, H, W) → z (b, num_atoms, H_z, W_z), H_z = ⌊(H + 2p − k)/s⌋ + 1.
     ``weight`` (num_atoms, in_channels, k, k) is the dictionary A; its atoms are kept at unit ℓ₂ norm.
     """
+
+    # Buffers (register_buffer in __init__), declared for the type checker: nn.Module.__getattr__ is
+    # typed as returning Tensor | Module.
+    lipschitz: Tensor
+    power_vector: Tensor
 
     def __init__(self, in_channels: int, num_atoms: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  n_steps: int = 2, lam: float = 0.1, mu: float = 0.0, nonneg: bool = True, *,
@@ -287,7 +294,7 @@ class CSCLayer(nn.Module):
         assert self._input_size is not None
         weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         v = v.to(weight.dtype)
-        estimate = None
+        estimate: Tensor | None = None
         with torch.autocast(device_type=weight.device.type, enabled=False):
             for _ in range(iters):
                 w = F.conv2d(synthesize_with(v, weight, self._input_size, self.stride, self.padding), weight,
@@ -300,6 +307,7 @@ class CSCLayer(nn.Module):
                     estimate = norm
                     break
                 estimate = norm
+        assert estimate is not None  # iters >= 1
         self.power_vector = v
         self.lipschitz.copy_(estimate)
 
@@ -317,6 +325,8 @@ class SynthesisLayer(nn.Module):
     that CSCLayer's dictionary and owns no parameter (the reference is kept outside the module tree, so
     ``parameters()`` and ``state_dict()`` do not repeat the encoder's atoms).
     """
+
+    _tied_to: CSCLayer | None  # set with object.__setattr__ in __init__: not a submodule
 
     def __init__(self, num_atoms: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  *, tied_to: CSCLayer | None = None) -> None:

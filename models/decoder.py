@@ -17,6 +17,8 @@ whose weights are not normalised; the rest of the stack is unchanged.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -65,9 +67,12 @@ class Decoder(nn.Module):
             if cfg.decoder_width != cfg.ndf:
                 raise ValueError(f"decoder_dictionaries='tied' needs ngf == ndf (the decoder reuses the encoder's "
                                  f"dictionaries), got ngf={cfg.ngf}, ndf={cfg.ndf}")
+            # CSCLayers: ModelConfig rejects layer='conv' with tied dictionaries
+            encoder_layers: list[CSCLayer | None] = [cast(CSCLayer, layer) for layer in encoder.csc_layers()]
         elif cfg.decoder_dictionaries != "separate":
             raise ValueError(f"decoder_dictionaries must be 'separate' or 'tied', got {cfg.decoder_dictionaries!r}")
-        encoder_layers: list[CSCLayer | None] = encoder.csc_layers() if tied else [None] * cfg.num_stages
+        else:
+            encoder_layers = [None] * cfg.num_stages
 
         resolutions = cfg.resolutions
         widths = encoder_widths(cfg, cfg.decoder_width)  # channels at resolutions[1], resolutions[2], …
@@ -94,7 +99,7 @@ class Decoder(nn.Module):
     def synthesis_layers(self) -> list[SynthesisLayer | ConvTransposeLayer]:
         """The synthesis layers in decoder order (1×1 → image); for the baseline (cfg.layer == "conv") the
         ConvTransposeLayers in their place."""
-        return [stage.synthesis for stage in self.stages]
+        return [cast(DecoderStage, stage).synthesis for stage in self.stages]
 
     @torch.compiler.disable  # Python-side bookkeeping, once per forward: the stages then form one graph
     def update_atoms(self) -> None:

@@ -39,7 +39,7 @@ def dictionary_loss(layer: CSCLayer, h: Tensor, z: Tensor) -> Tensor:
     dtype = torch.promote_types(weight.dtype, torch.float32)
     with torch.autocast(device_type=weight.device.type, enabled=False):
         h = h.detach().to(dtype)
-        recon = synthesize_with(z.detach().to(dtype), weight.to(dtype), tuple(h.shape[-2:]), layer.stride,
+        recon = synthesize_with(z.detach().to(dtype), weight.to(dtype), (h.shape[-2], h.shape[-1]), layer.stride,
                                 layer.padding)
         return (h - recon).pow(2).sum() / h.pow(2).sum().clamp_min(1e-12)
 

@@ -13,6 +13,8 @@ kernel, stride, padding and channels, and everything else stays as drawn above.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,7 +85,7 @@ class Encoder(nn.Module):
     def csc_layers(self) -> list[CSCLayer | ConvLayer]:
         """The CSC layers in input-to-output order (the halving stages, then the final 1×1 stage); for the
         baseline (cfg.layer == "conv") the ConvLayers in their place."""
-        return [stage.csc for stage in self.stages] + [self.final]
+        return [cast(EncoderStage, stage).csc for stage in self.stages] + [self.final]
 
     def forward(self, x: Tensor) -> Tensor:
         """z = f(x) / ‖f(x)‖₂: x (b, C, S, S) → z (b, nz)."""

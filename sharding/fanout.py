@@ -89,7 +89,8 @@ def shard_on_ray(plan: ShardPlan, dest: Destination, tasks: int = 0, progress: b
     join_ray()
     if tasks <= 0:
         tasks = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    # Any: Ray types an actor handle's methods as having .remote only when each is decorated with @ray.method
+    counter: Any = ray.remote(num_cpus=0)(ProgressCounter).remote()
     task = ray.remote(num_cpus=1, max_retries=2)(write_range)
     plan_ref = ray.put(plan)
     refs = [task.options(scheduling_strategy="SPREAD").remote(plan_ref, dest, r, counter)

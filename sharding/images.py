@@ -35,7 +35,8 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (â‰
 DEFAULT_QUALITY = 90  # JPEG quality of re-encoded images
 JPEG_SUBSAMPLING = 0  # 4:4:4 chroma; fixed so the bytes do not depend on Pillow's default
 LOSSLESS_FORMATS = frozenset({"PNG", "GIF", "BMP", "TIFF", "PPM", "WEBP", "TGA", "ICO"})
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}  # formats stored as-is when no conversion is needed
+# formats stored as-is when no conversion is needed
+KEPT_FORMATS: dict[str, Literal["jpg", "png"]] = {"JPEG": "jpg", "PNG": "png"}
 
 
 class RejectedImage(Exception):
@@ -177,11 +178,11 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
     im, (width, height) = _open_checked(data, options.max_pixels, draft_to=options.resize)
     fmt = im.format or ""
     converted = to_8bit(im)
-    needs_resize = options.resize is not None and min(width, height) > options.resize
-    if not needs_resize and converted is im and fmt in KEPT_FORMATS:
+    resize_to = options.resize if options.resize is not None and min(width, height) > options.resize else None
+    if resize_to is None and converted is im and fmt in KEPT_FORMATS:
         return PreparedImage(data, KEPT_FORMATS[fmt], width, height, converted=False)
-    if needs_resize:
-        out = resize_shorter_side(converted, options.resize, (width, height))
+    if resize_to is not None:
+        out = resize_shorter_side(converted, resize_to, (width, height))
         ext: Literal["jpg", "png"] = "jpg"
     else:
         out = converted

@@ -26,6 +26,7 @@ its first dot): ``n01440764_10026``, ``dog_img_001``.
 """
 from __future__ import annotations
 
+import builtins
 import csv
 import errno
 import functools
@@ -368,8 +369,9 @@ class ImageNetSource(Source):
     def _rel(self, path: str) -> str:
         return Path(path).relative_to(self.root).as_posix()
 
+    # builtins.list: inside this class body, `list` names the method ImageNetSource.list
     def _list_class_folders(self, split_dir: Path, label_of: dict[str, int], split: str,
-                            rejected: list[ListedReject]) -> list[SourceItem]:
+                            rejected: builtins.list[ListedReject]) -> builtins.list[SourceItem]:
         items = []
         root = Path(self.root)
         for class_dir in _subdirs(split_dir):
@@ -385,7 +387,8 @@ class ImageNetSource(Source):
         keys = unique_keys([rel for rel, _, _ in items], make_key=lambda p: key_from_relpath(p.rsplit("/", 1)[-1]))
         return [SourceItem(k, label, rel, size) for k, (rel, size, label) in zip(keys, items)]
 
-    def _list_flat_val(self, val: Path, label_of: dict[str, int], rejected: list[ListedReject]) -> list[SourceItem]:
+    def _list_flat_val(self, val: Path, label_of: dict[str, int],
+                       rejected: builtins.list[ListedReject]) -> builtins.list[SourceItem]:
         solution = self._find(VAL_SOLUTION)
         if solution is None:
             raise SourceError(f"{str(val)!r} is flat (no val/<wnid>/ folders) but no {VAL_SOLUTION} was found "

@@ -41,6 +41,7 @@ import random
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import fsspec
 import numpy as np
@@ -53,6 +54,7 @@ from sharding.manifest import Manifest, ShardInfo, read_manifest
 from sharding.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SAMPLE_SHUFFLE_SIZE = 2000  # samples in each loader worker's shuffle buffer
 SAMPLE_SHUFFLE_INITIAL = 500  # samples buffered before the first one is yielded
@@ -81,12 +83,12 @@ def worker_id() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def node_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
+def node_shards(urls: list[T], rank: int, world_size: int) -> list[T]:
     """Shards of `rank`: urls[rank::world_size] (disjoint across ranks, together all of them)."""
     return list(urls[rank::world_size])
 
 
-def worker_shards(urls: list[str], worker: int, num_workers: int) -> list[str]:
+def worker_shards(urls: list[T], worker: int, num_workers: int) -> list[T]:
     """Shards of one loader worker within a rank: urls[worker::num_workers]."""
     return list(urls[worker::num_workers])
 
@@ -291,7 +293,9 @@ class TarMembers:
                         if not info.isreg():
                             continue
                         keys.add(split_member_name(info.name)[0])
-                        yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+                        member = tar.extractfile(info)
+                        assert member is not None  # a regular file (isreg() above) has its data
+                        yield {"fname": info.name, "data": member.read(), "__url__": url}
             except Exception as exn:  # missing/unreadable object, truncated or corrupt tar
                 problems.append(f"{type(exn).__name__}: {exn}")
             yield {}  # end of shard: group_by_keys never joins members of two shards

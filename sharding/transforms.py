@@ -43,7 +43,7 @@ def decode_image(data: bytes, mode: str = "RGB", min_size: int | None = None,
     """
     if mode not in CHANNEL_MODES.values():
         raise ValueError(f"mode must be one of {sorted(CHANNEL_MODES.values())}, got {mode!r}")
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
     if img.width * img.height > max_pixels:
         raise ValueError(f"image of {img.width}x{img.height} pixels exceeds max_pixels {max_pixels}")
     if min_size is not None and img.format == "JPEG":

@@ -80,7 +80,8 @@ def _read_samples(reader: _HashingReader) -> tuple[dict[str, dict[str, bytes]], 
     samples: dict[str, dict[str, bytes]] = {}
     unsafe: list[str] = []
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
+        # typeshed's _Fileobj asks for write/seek/tell too, but stream mode "r|" only calls fileobj.read()
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
             for info in tar:
                 if is_unsafe_member(info.name):
                     unsafe.append(info.name)
@@ -88,7 +89,9 @@ def _read_samples(reader: _HashingReader) -> tuple[dict[str, dict[str, bytes]], 
                 if not info.isreg():
                     continue
                 key, ext = split_member_name(info.name)
-                samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+                member = tar.extractfile(info)
+                assert member is not None  # a regular file (isreg() above) has its data
+                samples.setdefault(key, {})[ext] = member.read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         return samples, unsafe, exc
     return samples, unsafe, None

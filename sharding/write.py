@@ -27,8 +27,10 @@ import re
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -104,11 +106,12 @@ def add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> Non
 
 
 def write_shard(source: Source, spec: ShardSpec, dest: Destination, image_options: ImageOptions,
-                label_names: dict[int, str], on_sample=None) -> ShardResult:
+                label_names: dict[int, str], on_sample: Callable[[], object] | None = None) -> ShardResult:
     """Decode/convert every item of `spec`, write the tar atomically, return (and store) its record."""
     check_pillow_is_strict()
     tmp = dest.local_tmp_path(spec.name)
-    sample_rows, rejected_rows = [], []
+    sample_rows: list[dict[str, Any]] = []
+    rejected_rows: list[dict[str, Any]] = []
     try:
         with open(tmp, "wb") as stream, tarfile.open(fileobj=stream, mode="w|", format=TAR_FORMAT) as tar:
             for item in spec.items:
@@ -284,8 +287,8 @@ def finalize(plan: ShardPlan, dest: Destination, remove_temporaries: bool = True
                            f"(e.g. indices {missing[:10]}); run write_shards for them first")
     if remove_temporaries:
         dest.remove_stale_temporaries()
-    shard_rows = {split: [] for split in plan.splits}
-    sample_rows = {split: [] for split in plan.splits}
+    shard_rows: dict[str, list[dict]] = {split: [] for split in plan.splits}
+    sample_rows: dict[str, list[dict]] = {split: [] for split in plan.splits}
     rejected = [{"split": r.split, "key": "", "source": r.source, "reason": r.reason, "stage": "list"}
                 for r in plan.listed_rejects]
     for result in results:
