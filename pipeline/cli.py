@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"cscctrl {command}", description=COMMANDS[command][1],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
-    args = sub.parse_args(argv[argv.index(command) + 1:])
+    # Intermixed: options may come between the positionals and the key=value items
+    # (`cscctrl run demo --no-progress storage=/tmp/x`), not only before or after all of them.
+    args = sub.parse_intermixed_args(argv[argv.index(command) + 1:])
 
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)  # no URL credentials echoed

@@ -27,3 +27,10 @@ def test_every_command_explains_itself(command, capsys):
 def test_unknown_command_is_an_error():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "trian"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
+
+
+def test_options_may_sit_between_positionals_and_items(capsys):
+    """`cscctrl run demo --print-plan storage=/x`: the items after an option still reach the command."""
+    assert main(["run", "demo", "--print-plan", "storage=/tmp/cscctrl-nowhere", "register.alias=staging"]) == 0
+    plan = capsys.readouterr().out
+    assert "storage: /tmp/cscctrl-nowhere" in plan and "alias: staging" in plan
