@@ -25,11 +25,6 @@ import sys
 from pathlib import Path
 
 from pipeline.workflow import run as run_workflow_command
-from sharding.ensure import DEMO_COUNTS, DEMO_SHARD_MAXCOUNT, ensure_demo_shards
-
-DEMO_TRAIN, DEMO_VAL, DEMO_UNSEEN = DEMO_COUNTS  # crops per split
-__all__ = ["DEMO_SHARD_MAXCOUNT", "DEMO_TRAIN", "DEMO_UNSEEN", "DEMO_VAL", "add_arguments", "ensure_demo_shards",
-           "main"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
